@@ -492,7 +492,7 @@ def _image_to_bchw(img: Any, index: int, device: torch.device) -> torch.Tensor:
             raise ValueError(f"{what} must be an H x W x 3 RGB array, got shape {img.shape}")
         if img.dtype != np.uint8:
             raise ValueError(f"{what} must be uint8 RGB, got dtype {img.dtype}")
-        t = torch.from_numpy(np.ascontiguousarray(img)).to(device).permute(2, 0, 1)
+        t = torch.from_numpy(np.array(img, copy=not img.flags.writeable, order="C")).to(device).permute(2, 0, 1)
         return _to_unit_float(t, what).unsqueeze(0)
     if isinstance(img, torch.Tensor):
         return _batch_to_bchw(img, device, what)

@@ -1,0 +1,1 @@
+"""Where things run: Ray connection, job submission, storage config, cluster manifests."""

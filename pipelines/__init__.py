@@ -1,0 +1,1 @@
+"""The programs users run: `ugcsr upscale` (and, later, build-trainset, train, evaluate)."""

@@ -1,0 +1,94 @@
+"""pydantic configs of the model side: where weights live, how to sample, how to tile."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+WILD_ADDED_PROMPT = "clean, high-resolution, 8k, ultra-detailed, ultra-realistic"
+SYNTHETIC_ADDED_PROMPT = "clean, high-resolution, 8k"
+NEGATIVE_PROMPT = "dotted, noise, blur, lowres, smooth"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSource(Strict):
+    """Local folders/files of the released parts (object-store URIs are staged by the caller)."""
+
+    sd_base: str = Field(description="stable-diffusion-2-base folder: vae/ text_encoder/ tokenizer/ scheduler/")
+    seesr: str = Field(description="released checkpoint-90000 folder: unet/ controlnet/")
+    sam2_checkpoint: str = Field(description="sam2.1_hiera_tiny.pt")
+    sam2_config: str = "configs/sam2.1/sam2.1_hiera_t.yaml"
+    ram: str | None = Field(None, description="ram_swin_large_14m.pth (tagger)")
+    dape: str | None = Field(None, description="DAPE.pth (tagger LoRA)")
+    revision: str = Field("checkpoint-90000", description="recorded in outputs; part of the params hash")
+
+
+class SamplerConfig(Strict):
+    steps: int = Field(50, ge=1, le=1000)
+    cfg: bool = True
+    guidance_scale: float = 8.5
+    user_prompt: str = ""
+    added_prompt: str = WILD_ADDED_PROMPT
+    negative_prompt: str = NEGATIVE_PROMPT
+    start_point: Literal["noise", "lr"] = "noise"
+    start_steps: int = Field(999, ge=0, le=999, description="timestep the LR latent is noised to (start_point=lr)")
+    conditioning_scale: float = 1.0
+    color_fix: Literal["adain", "wavelet", "none"] = "adain"
+    upscale: int = Field(4, ge=1, le=16)
+    process_size: int = Field(512, ge=8, description="minimum short side of the working image, as released")
+
+    @model_validator(mode="after")
+    def _check_cfg(self):
+        if self.cfg and self.guidance_scale <= 1.0:
+            raise ValueError(
+                f"cfg=true with guidance_scale={self.guidance_scale}: the release disables CFG at scale <= 1 "
+                "(its 'gs 0.9' means no CFG); set cfg=false instead"
+            )
+        return self
+
+
+class TilingConfig(Strict):
+    latent_tile: int = Field(96, ge=8, description="latent tile side (96 = 768 px, as released)")
+    latent_overlap: int = Field(32, ge=0)
+    vae_tile: int = Field(1024, ge=64, description="VAE tile side in image pixels")
+    max_batch: int = Field(16, ge=1, description="most latent tiles x CFG branches in one UNet forward")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.latent_overlap >= self.latent_tile:
+            raise ValueError(f"latent_overlap ({self.latent_overlap}) must be smaller than latent_tile ({self.latent_tile})")
+        return self
+
+
+class ModelConfig(Strict):
+    """Everything the model side needs: a preset is one of these."""
+
+    name: str
+    source: ModelSource | None = Field(None, description="None only for the tiny preset (built on demand)")
+    sampler: SamplerConfig = SamplerConfig()
+    tiling: TilingConfig = TilingConfig()
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp16"
+    fold_kv: bool = Field(True, description="fold the 512-wide image K/V to 256 at load (identical results)")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def params_hash(self) -> str:
+        """Hash of every setting that changes output pixels (model revision included)."""
+        pixel = {
+            "sampler": self.sampler.model_dump(),
+            "tiling": self.tiling.model_dump(exclude={"max_batch"}),  # batching does not change pixels
+            "dtype": self.dtype,
+            "revision": self.source.revision if self.source else "tiny",
+            "model": self.name if self.source is None else None,
+        }
+        return hashlib.sha256(json.dumps(pixel, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,32 @@
+"""Build the stages' models from a ModelConfig (the tiny preset builds its weights on first use)."""
+
+from __future__ import annotations
+
+from .config import ModelConfig
+from .semantic_encoder import SemanticEncoder
+from .tiny import ensure_tiny_model
+from .upscaler import SemanticUpscaler
+
+
+def resolve(config: ModelConfig) -> ModelConfig:
+    """The same config with a concrete ModelSource."""
+    if config.source is not None:
+        return config
+    if config.name == "tiny":
+        return config.model_copy(update={"source": ensure_tiny_model()})
+    raise ValueError(
+        f"preset {config.name!r} needs the released weights: pass --weights DIR (a folder with "
+        "stable-diffusion-2-base/, checkpoint-90000/, sam2.1_hiera_tiny.pt) or a model source in the job config"
+    )
+
+
+def load_semantic_encoder(config: ModelConfig, device="cpu") -> SemanticEncoder:
+    config = resolve(config)
+    # SAM2 runs in fp32 unless fp16/bf16 is asked for: it is ~1% of the work.
+    return SemanticEncoder.from_pretrained(
+        config.source.sam2_checkpoint, config.source.sam2_config, device=device, dtype=config.torch_dtype
+    )
+
+
+def load_upscaler(config: ModelConfig, device="cpu") -> SemanticUpscaler:
+    return SemanticUpscaler.from_config(resolve(config), device=device)

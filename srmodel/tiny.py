@@ -1,0 +1,146 @@
+"""The `tiny` preset's model: every part at random init, written in the released on-disk formats.
+
+Built once per cache folder and loaded back through the same loaders as the
+real weights, so tests and benchmarks exercise the real loading code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from .config import ModelSource
+from .controlnet import SemanticControlNet
+from .ddpm import SD2_SCHEDULER_CONFIG
+from .semantic_encoder import TINY_TEST_CONFIG, SemanticEncoder, save_sam2_checkpoint
+from .unet import SemanticUNet
+
+TINY_VERSION = "tiny-v1"
+TEXT_DIM = 32
+
+# SD-2 layout (3 cross-attention levels + 1 plain, linear projections, 1:..:4:4 heads), shrunk.
+UNET_CONFIG = dict(
+    sample_size=32,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    block_out_channels=[16, 24, 32, 32],
+    layers_per_block=2,
+    attention_head_dim=[2, 3, 4, 4],
+    cross_attention_dim=TEXT_DIM,
+    norm_num_groups=8,
+    use_linear_projection=True,
+)
+CONTROLNET_CONFIG = dict(
+    {k: v for k, v in UNET_CONFIG.items() if k not in ("sample_size", "out_channels", "up_block_types")},
+    conditioning_embedding_out_channels=[8, 16, 32, 32],
+)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("UGCSR_CACHE", Path.home() / ".cache" / "ugcsr"))
+
+
+def tiny_source(folder: Path) -> ModelSource:
+    return ModelSource(
+        sd_base=str(folder / "stable-diffusion-2-base"),
+        seesr=str(folder / "checkpoint-tiny"),
+        sam2_checkpoint=str(folder / "sam2.1_hiera_tiny.pt"),
+        sam2_config=str(folder / "sam2.1_hiera_tiny_test.yaml"),
+        revision=TINY_VERSION,
+    )
+
+
+def _byte_tokenizer(folder: Path) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer with only byte-level symbols (no merges): small, offline, real format."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    chars = sorted(ByteLevel.alphabet())
+    tokens = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)]
+    tok = CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=77)
+    folder.mkdir(parents=True)
+    tok.save_pretrained(folder)
+    return tok
+
+
+def _perturb(model: torch.nn.Module, gen: torch.Generator, scale: float = 0.05) -> None:
+    # Zero-initialised layers (ControlNet zero convs, conv_out) would switch whole paths off.
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+
+
+def _write_tiny(folder: Path) -> None:
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    sd = folder / "stable-diffusion-2-base"
+    tok = _byte_tokenizer(sd / "tokenizer")
+    text_cfg = CLIPTextConfig(
+        vocab_size=len(tok.get_vocab()),
+        hidden_size=TEXT_DIM,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=TEXT_DIM,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    CLIPTextModel(text_cfg).save_pretrained(sd / "text_encoder")
+    vae = AutoencoderKL(
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[8, 8, 16, 16],
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=64,
+        scaling_factor=0.18215,
+    )
+    vae.save_pretrained(sd / "vae")
+    (sd / "scheduler").mkdir()
+    sched = dict(SD2_SCHEDULER_CONFIG, _class_name="PNDMScheduler", _diffusers_version="0.8.0")
+    (sd / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
+
+    unet = SemanticUNet(**UNET_CONFIG)
+    controlnet = SemanticControlNet(**CONTROLNET_CONFIG)
+    # As ControlNetModel.from_unet does: the shared encoder starts as a copy of the UNet's.
+    shared = {k: v for k, v in unet.state_dict().items() if k in controlnet.state_dict()}
+    controlnet.load_state_dict(shared, strict=False)
+    _perturb(unet, gen)
+    _perturb(controlnet, gen)
+    unet.save_pretrained(folder / "checkpoint-tiny" / "unet")
+    controlnet.save_pretrained(folder / "checkpoint-tiny" / "controlnet")
+
+    encoder = SemanticEncoder.from_config(TINY_TEST_CONFIG)
+    save_sam2_checkpoint(encoder, folder / "sam2.1_hiera_tiny.pt")
+    shutil.copy(TINY_TEST_CONFIG, folder / "sam2.1_hiera_tiny_test.yaml")
+
+
+def ensure_tiny_model(cache_dir: str | Path | None = None) -> ModelSource:
+    """Build the tiny model folder if absent (atomic: concurrent builders on one node are safe)."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    folder = cache / TINY_VERSION
+    if not (folder / "COMPLETE").is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_VERSION}-", dir=cache))
+        try:
+            _write_tiny(tmp)
+            (tmp / "COMPLETE").write_text(TINY_VERSION)
+            try:
+                os.rename(tmp, folder)
+            except OSError:  # another process won the race; its folder is complete
+                if not (folder / "COMPLETE").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return tiny_source(folder)
