@@ -66,7 +66,10 @@ def read_state_dict(folder: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     for name in INDEX_NAMES:
         index = folder / name
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
+                raise WeightsError(f"{index} is not a valid shard index (needs a 'weight_map'): {err!r}") from err
             state: dict[str, torch.Tensor] = {}
             for shard in shards:
                 state.update(_load_one(folder / shard))
