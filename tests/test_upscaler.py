@@ -121,3 +121,27 @@ def test_adain_matches_input_colour_statistics(source, encoder):
     lr = (lr.astype(int) + np.random.default_rng(0).integers(-20, 20, lr.shape)).clip(0, 255).astype(np.uint8)
     out = make(source, steps=2, color_fix="adain").upscale(requests(encoder, [lr]))[0]
     np.testing.assert_allclose(out.reshape(-1, 3).mean(0), lr.reshape(-1, 3).mean(0), atol=6)
+
+
+def test_work_per_forward_stays_bounded_as_images_grow(source, encoder):
+    """Memory is bounded by tile x batch, not image size: spy on what reaches the UNet and VAE decoder."""
+    up = make(source, steps=1, cfg=False, guidance_scale=1.0,
+              tiling={"latent_tile": 16, "latent_overlap": 4, "max_batch": 4, "vae_tile": 128})
+    seen = {"unet": [], "decoder": []}
+    unet_forward, decoder_forward = up.unet.forward, up.vae.decoder.forward
+
+    def unet_spy(sample, *a, **k):
+        seen["unet"].append(tuple(sample.shape))
+        return unet_forward(sample, *a, **k)
+
+    def decoder_spy(z, *a, **k):
+        seen["decoder"].append(tuple(z.shape))
+        return decoder_forward(z, *a, **k)
+
+    up.unet.forward, up.vae.decoder.forward = unet_spy, decoder_spy
+    out = up.upscale(requests(encoder, [image(90, 70)]))[0]  # x4 -> 360x280 px -> 45x35 latent
+    assert out.shape == (360, 280, 3)
+    assert len(seen["unet"]) > 1
+    assert all(b <= 4 and h <= 16 and w <= 16 for b, _, h, w in seen["unet"])
+    assert len(seen["decoder"]) > 1
+    assert all(h <= 16 and w <= 16 for _, _, h, w in seen["decoder"])  # 128 px VAE tiles = 16 latent
