@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .batch import EMPTY_IMAGE, ensure_status_columns, fail, ok_rows, size, timed
+
+# A truncated file is an error, not a half-grey picture.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 DEFAULT_MAX_PIXELS = 64_000_000
 
@@ -28,7 +34,9 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[
             img.seek(0)
             img.load()
             img = ImageOps.exif_transpose(img)
-            notes = {"mode": img.mode, "frames": frames}
+            notes = {"mode": img.mode}
+            if frames > 1:
+                notes["frames"] = f"first of {frames} used"
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                 rgba = img.convert("RGBA")
                 canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -40,6 +48,8 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[
             rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
     except DecodeError:
         raise
+    except UnidentifiedImageError as err:
+        raise DecodeError("not an image file: no known image format recognised in its bytes") from err
     except Image.DecompressionBombError as err:
         raise DecodeError(f"refused as a decompression bomb: {err}") from err
     except (OSError, SyntaxError, ValueError) as err:
@@ -48,25 +58,25 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[
 
 
 class DecodeStage:
-    """batch: `src_uri`, `bytes` -> adds `image`, `src_width`, `src_height`, `error_type`, `error_message`."""
+    """batch: `bytes` -> `image` (H, W, 3) uint8, `src_width`, `src_height`; drops `bytes`."""
 
     def __init__(self, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.max_pixels = max_pixels
 
     def __call__(self, batch: dict) -> dict:
-        images, widths, heights, etypes, emsgs = [], [], [], [], []
-        for data in batch["bytes"]:
-            try:
-                rgb, _ = decode_image(bytes(data), max_pixels=self.max_pixels)
-                images.append(rgb)
-                heights.append(rgb.shape[0])
-                widths.append(rgb.shape[1])
-                etypes.append("")
-                emsgs.append("")
-            except DecodeError as err:
-                images.append(None)
-                widths.append(0)
-                heights.append(0)
-                etypes.append(type(err).__name__)
-                emsgs.append(str(err))
-        return dict(batch, image=images, src_width=widths, src_height=heights, error_type=etypes, error_message=emsgs)
+        batch = ensure_status_columns(batch)
+        n = size(batch)
+        images, widths, heights, notes = [EMPTY_IMAGE] * n, [0] * n, [0] * n, [""] * n
+        with timed(batch, "decode"):
+            for i in ok_rows(batch):
+                try:
+                    rgb, info = decode_image(bytes(batch["bytes"][i]), max_pixels=self.max_pixels)
+                except DecodeError as err:
+                    fail(batch, i, "decode", f"{batch['src_uri'][i]}: {err}", type(err).__name__)
+                    continue
+                images[i] = rgb
+                heights[i], widths[i] = rgb.shape[:2]
+                notes[i] = json.dumps(info, sort_keys=True)
+        batch.pop("bytes", None)
+        batch.update(image=images, src_width=np.array(widths, np.int32), src_height=np.array(heights, np.int32), decode_notes=notes)
+        return batch

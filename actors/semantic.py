@@ -9,33 +9,46 @@ from srmodel.config import ModelConfig
 from srmodel.loader import load_semantic_encoder
 from srmodel.text import FixedTagger, build_prompt
 
+from .batch import ensure_status_columns, fail, ok_rows, size, timed
 from .device import pick_device
 
 
 class SemanticStage:
-    """batch: `image` -> adds `tokens` ((N, 256) float16 per row) and `prompt`. Rows with no image pass through."""
+    """batch: `image` -> adds `tokens` ((N, 256) float16 per row) and `prompt`."""
 
     def __init__(self, config: dict | ModelConfig, device: str | None = None, tags: str = ""):
         self.config = ModelConfig.model_validate(config)
         self.device = pick_device(device)
         self.encoder = load_semantic_encoder(self.config, self.device)
         self.tagger = FixedTagger(tags)  # the RAM+DAPE tagger plugs in here
+        self.empty = np.zeros((self.encoder.num_tokens, self.encoder.d_model), np.float16)
+
+    def _encode(self, images: list[np.ndarray]) -> np.ndarray:
+        with torch.inference_mode():
+            return self.encoder.encode(images).to(torch.float16).cpu().numpy()
 
     def __call__(self, batch: dict) -> dict:
-        images = list(batch["image"])
-        ok = [i for i, im in enumerate(images) if im is not None]
-        tokens: list = [None] * len(images)
-        prompts = [""] * len(images)
-        if ok:
-            with torch.inference_mode():
-                toks = self.encoder.encode([images[i] for i in ok]).to(torch.float16).cpu().numpy()
-            tags = self.tagger([images[i] for i in ok])
+        batch = ensure_status_columns(batch)
+        n = size(batch)
+        tokens, prompts = [self.empty] * n, [""] * n
+        with timed(batch, "semantic"):
+            rows = ok_rows(batch)
+            images = [batch["image"][i] for i in rows]
+            try:
+                encoded = list(self._encode(images)) if rows else []
+            except Exception:  # noqa: BLE001 - retry one by one so one bad image fails alone
+                encoded = []
+                for i, im in zip(rows, images):
+                    try:
+                        encoded.append(self._encode([im])[0])
+                    except Exception as err:  # noqa: BLE001
+                        fail(batch, i, "semantic", err)
+                        encoded.append(None)
+            tags = self.tagger(images)
             s = self.config.sampler
-            for k, i in enumerate(ok):
-                tokens[i] = toks[k]
-                prompts[i] = build_prompt(tags[k], s.user_prompt, s.added_prompt)
-        return dict(batch, tokens=tokens, prompt=prompts)
-
-
-def as_tensor(tokens: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(tokens)).float()
+            for k, i in enumerate(rows):
+                if encoded[k] is not None:
+                    tokens[i] = encoded[k]
+                    prompts[i] = build_prompt(tags[k], s.user_prompt, s.added_prompt)
+        batch.update(tokens=tokens, prompt=prompts)
+        return batch

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import numpy as np
+import torch
+
 from srmodel.config import ModelConfig
 from srmodel.loader import load_upscaler
 from srmodel.seeds import seed_for
 from srmodel.upscaler import SRRequest
 
+from .batch import EMPTY_IMAGE, ensure_status_columns, fail, ok_rows, size, timed
 from .device import pick_device
-from .semantic import as_tensor
 
 
 class SRStage:
-    """batch: `image_id`, `image`, `tokens`, `prompt` -> adds `sr_image` and `seed`."""
+    """batch: `image_id`, `image`, `tokens`, `prompt` -> adds `sr_image` and `seed`; drops `tokens`."""
 
     def __init__(self, config: dict | ModelConfig, device: str | None = None, base_seed: int = 0):
         self.config = ModelConfig.model_validate(config)
@@ -20,14 +23,29 @@ class SRStage:
         self.upscaler = load_upscaler(self.config, self.device)
         self.base_seed = base_seed
 
+    def _request(self, batch: dict, i: int, seed: int) -> SRRequest:
+        tokens = torch.from_numpy(np.asarray(batch["tokens"][i], dtype=np.float32))
+        return SRRequest(np.asarray(batch["image"][i], dtype=np.uint8), tokens, str(batch["prompt"][i]), seed)
+
     def __call__(self, batch: dict) -> dict:
-        n = len(batch["image"])
-        seeds = [seed_for(i, self.base_seed) for i in batch["image_id"]]
-        ok = [i for i in range(n) if batch["image"][i] is not None]
-        requests = [
-            SRRequest(batch["image"][i], as_tensor(batch["tokens"][i]), batch["prompt"][i], seeds[i]) for i in ok
-        ]
-        out: list = [None] * n
-        for i, img in zip(ok, self.upscaler.upscale(requests)):
-            out[i] = img
-        return dict(batch, sr_image=out, seed=seeds)
+        batch = ensure_status_columns(batch)
+        n = size(batch)
+        seeds = [seed_for(str(i), self.base_seed) for i in batch["image_id"]]
+        out = [EMPTY_IMAGE] * n
+        with timed(batch, "sr"):
+            rows = ok_rows(batch)
+            try:
+                results = self.upscaler.upscale([self._request(batch, i, seeds[i]) for i in rows])
+            except Exception:  # noqa: BLE001 - isolate the image that fails; the others still finish
+                results = []
+                for i in rows:
+                    try:
+                        results.append(self.upscaler.upscale([self._request(batch, i, seeds[i])])[0])
+                    except Exception as err:  # noqa: BLE001
+                        fail(batch, i, "sr", err)
+                        results.append(EMPTY_IMAGE)
+            for i, img in zip(rows, results):
+                out[i] = img
+        batch.pop("tokens", None)
+        batch.update(sr_image=out, seed=np.array(seeds, dtype=np.int64))
+        return batch

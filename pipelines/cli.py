@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import sys
+import time
 from pathlib import Path
 from typing import Optional
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from srmodel.config import DTYPES, ModelSource
 from srmodel.presets import PRESET_NAMES, get_preset
 
-app = typer.Typer(add_completion=False, help="Semantic-guided diffusion super-resolution of UGC images.")
+app = typer.Typer(add_completion=False, help="Semantic-guided diffusion super-resolution of UGC images on Ray.")
 console = Console(stderr=True)
 
 
@@ -30,6 +33,13 @@ def released_source(weights: Path) -> ModelSource:
     return src
 
 
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 @app.callback()
 def main() -> None:
     """ugcsr command line."""
@@ -44,37 +54,69 @@ def main() -> None:
 
 @app.command()
 def upscale(
-    src: Path = typer.Argument(..., help="folder of input images"),
-    dst: Path = typer.Argument(..., help="output folder (images + _manifest/)"),
+    src: str = typer.Argument(..., help="folder, s3://bucket/prefix (any fsspec URL), or a .parquet/.txt list of URIs"),
+    dst: str = typer.Argument(..., help="output folder or prefix (images + _manifest/)"),
     preset: str = typer.Option("tiny", help=f"one of {', '.join(PRESET_NAMES)}"),
     weights: Optional[Path] = typer.Option(None, help="folder with the released weights (not needed for tiny)"),
-    upscale_factor: Optional[int] = typer.Option(None, "--scale", help="override the preset's upscale factor"),
+    config: Optional[Path] = typer.Option(None, "--config", help="job YAML (UpscaleJob fields); options override it"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address; default: an embedded local Ray"),
+    scale: Optional[int] = typer.Option(None, help="override the preset's upscale factor"),
     dtype: Optional[str] = typer.Option(None, help="fp32 | fp16 | bf16 (default: the preset's)"),
-    device: Optional[str] = typer.Option(None, help="torch device (default: cuda if present, else cpu)"),
-    fmt: str = typer.Option("png", "--format", help="png | webp | jpeg"),
-    batch_size: int = typer.Option(4, min=1),
+    fmt: Optional[str] = typer.Option(None, "--format", help="png | webp | jpeg"),
+    endpoint_url: Optional[str] = typer.Option(None, help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)"),
     limit: Optional[int] = typer.Option(None, min=1, help="process at most N images"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="list what would run and the resources, load no model"),
 ) -> None:
-    """Super-resolve every image under SRC into DST, with a Parquet manifest."""
-    from pipelines.local import run_local
+    """Super-resolve every image under SRC into DST, with a Parquet manifest; re-running resumes."""
+    from pipelines.job import UpscaleJob, load_yaml
+    from pipelines.upscale import dry_run as plan_only
+    from pipelines.upscale import run_upscale
 
     if preset not in PRESET_NAMES:
         raise typer.BadParameter(f"unknown preset {preset!r}; choose one of {', '.join(PRESET_NAMES)}")
     if dtype is not None and dtype not in DTYPES:
         raise typer.BadParameter(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    source = released_source(weights) if weights else None
-    config = get_preset(preset, source)
-    updates = {}
-    if upscale_factor is not None:
-        updates["sampler"] = config.sampler.model_copy(update={"upscale": upscale_factor})
+    data = load_yaml(config) if config else {}
+    model = get_preset(preset, released_source(weights) if weights else None).model_dump(mode="json")
+    data["model"] = _merge(model, data.get("model", {}))
+    overrides = {"src": src, "dst": dst, "address": address, "limit": limit, "format": fmt}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    if scale is not None:
+        data["model"]["sampler"]["upscale"] = scale
     if dtype is not None:
-        updates["dtype"] = dtype
-    config = config.model_validate({**config.model_dump(), **{k: v if isinstance(v, str) else v.model_dump() for k, v in updates.items()}})
-    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console) as bar:
-        from pipelines.paths import list_images
+        data["model"]["dtype"] = dtype
+    if endpoint_url is not None:
+        data.setdefault("storage", {})["endpoint_url"] = endpoint_url
+    try:
+        job = UpscaleJob.model_validate(data)
+    except ValidationError as err:
+        console.print(f"[red]invalid job settings:[/red]\n{err}")
+        raise typer.Exit(2) from err
 
-        total = len(list_images(src)[:limit])
-        task = bar.add_task("upscaling", total=total)
-        summary = run_local(src, dst, config, fmt=fmt, batch_size=batch_size, limit=limit, device=device,
-                            progress=lambda n: bar.advance(task, n))
-    console.print_json(json.dumps(summary))
+    if dry_run:
+        print(json.dumps(plan_only(job), indent=2))
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[failed]} failed, {task.fields[rate]:.2f} img/s"), TimeRemainingColumn())
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("upscaling", total=None, failed=0, rate=0.0)
+        started, counts = time.perf_counter(), {"done": 0, "failed": 0}
+
+        def on_rows(rows):
+            counts["done"] += len(rows)
+            counts["failed"] += sum(r["status"] == "error" for r in rows)
+            bar.update(task, completed=counts["done"], failed=counts["failed"],
+                       rate=counts["done"] / (time.perf_counter() - started))
+
+        summary = run_upscale(job, on_plan=lambda p: bar.update(task, total=len(p.todo)), on_rows=on_rows)
+    print(json.dumps(summary, indent=2))
+    if summary["by_status"].get("error"):
+        console.print(f"[yellow]{summary['by_status']['error']} image(s) failed: see {dst}/_manifest[/yellow]")
+
+
+def run() -> None:  # pragma: no cover - console entry for `python -m pipelines.cli`
+    app(prog_name="ugcsr")
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -60,6 +60,10 @@ class TilingConfig(Strict):
     latent_overlap: int = Field(32, ge=0)
     vae_tile: int = Field(1024, ge=64, description="VAE tile side in image pixels")
     max_batch: int = Field(16, ge=1, description="most latent tiles x CFG branches in one UNet forward")
+    pad_multiple: int = Field(
+        64, ge=8, multiple_of=8,
+        description="working images are padded up to this multiple (then cropped): similar sizes share a batch",
+    )
 
     @model_validator(mode="after")
     def _check(self):

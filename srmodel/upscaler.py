@@ -75,7 +75,7 @@ class SemanticUpscaler:
 
     def plan(self, width: int, height: int) -> SizePlan:
         s = self.sampler
-        return plan_size(width, height, s.upscale, s.process_size, multiple=8)
+        return plan_size(width, height, s.upscale, s.process_size, multiple=self.config.tiling.pad_multiple)
 
     def upscale(self, requests: Sequence[SRRequest]) -> list[np.ndarray]:
         """SR images (uint8 RGB, exactly W*s x H*s) in the order given."""

@@ -1,0 +1,57 @@
+"""UpscaleJob: the whole job's configuration (YAML file, then CLI overrides)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from actors.decode import DEFAULT_MAX_PIXELS
+from cluster.storage import StorageConfig
+from srmodel.config import ModelConfig
+
+
+class ResourcesConfig(BaseModel):
+    """Actor pools; sizes default from the cluster's resources (docs/pipeline.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sr_actors: int | None = Field(None, ge=1, description="default: one per GPU (1 on a GPU-less cluster)")
+    semantic_actors: int | None = Field(None, ge=1, description="default: one per 4 GPUs, at least 1")
+    sr_gpus: float = Field(0.75, gt=0, le=8, description="GPU share of one SR actor")
+    semantic_gpus: float = Field(0.25, gt=0, le=8, description="GPU share of one semantic actor")
+    sr_cpus: float = Field(1.0, gt=0)
+    semantic_cpus: float = Field(0.5, gt=0)
+    io_cpus: float = Field(0.25, gt=0, description="CPU share of read/decode/write tasks")
+    sr_batch: int = Field(8, ge=1)
+    semantic_batch: int = Field(8, ge=1)
+    io_batch: int = Field(8, ge=1)
+    rows_per_block: int = Field(16, ge=1)
+
+
+class UpscaleJob(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    src: str
+    dst: str
+    model: ModelConfig
+    storage: StorageConfig = StorageConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    format: str = Field("png", pattern="^(png|webp|jpeg)$")
+    quality: int = Field(95, ge=1, le=100)
+    limit: int | None = Field(None, ge=1)
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="larger inputs get an error row")
+    base_seed: int = 0
+    address: str | None = None
+    manifest_flush_s: float = Field(5.0, ge=0, description="longest wait before buffered manifest rows are written")
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"job config {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"job config {path} must be a mapping of settings, got {type(data).__name__}")
+    return data

@@ -1,0 +1,82 @@
+"""What to process: a folder/prefix listed once, or a Parquet/text list of URIs."""
+
+from __future__ import annotations
+
+import io
+import posixpath
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cluster.storage import StorageConfig, filesystem, is_local, join, read_bytes, uri_of, write_bytes_atomic
+from srmodel.seeds import image_id_from_uri
+
+from .paths import IMAGE_EXTENSIONS, output_key
+
+LISTING_SCHEMA = pa.schema([("image_id", pa.string()), ("src_uri", pa.string()), ("dst_key", pa.string())])
+
+
+def _is_list_file(src: str) -> bool:
+    return src.lower().endswith((".parquet", ".txt"))
+
+
+def _key_for_uri(uri: str) -> str:
+    """Output key for a listed URI: its host/bucket and path, so two buckets never collide."""
+    parsed = urlparse(uri)
+    return f"{parsed.netloc}/{parsed.path.lstrip('/')}" if parsed.netloc else parsed.path.lstrip("/")
+
+
+def _from_list_file(src: str, storage: StorageConfig, fmt: str) -> pa.Table:
+    data = read_bytes(src, storage)
+    if src.lower().endswith(".parquet"):
+        table = pq.read_table(io.BytesIO(data))
+        col = next((c for c in ("src_uri", "uri", "path") if c in table.column_names), None)
+        if col is None:
+            raise ValueError(f"{src} needs a column named src_uri, uri or path; it has {table.column_names}")
+        uris = [u for u in table.column(col).to_pylist() if u]
+    else:
+        uris = [line.strip() for line in data.decode("utf-8").splitlines() if line.strip() and not line.startswith("#")]
+    return _table(uris, [output_key(_key_for_uri(u), fmt) for u in uris])
+
+
+def _from_folder(src: str, storage: StorageConfig, fmt: str) -> pa.Table:
+    fs, root = filesystem(src, storage)
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"SRC {src} is not a folder/prefix of images (nor a .parquet/.txt list of URIs)")
+    paths = sorted(p for p in fs.find(root) if posixpath.splitext(p)[1].lower() in IMAGE_EXTENSIONS)
+    root = root.rstrip("/")
+    uris = [uri_of(fs, p) if not is_local(fs) else "file://" + p for p in paths]
+    keys = [output_key(p[len(root) + 1 :], fmt) for p in paths]
+    return _table(uris, keys)
+
+
+def _table(uris: list[str], keys: list[str]) -> pa.Table:
+    return pa.table(
+        {"image_id": [image_id_from_uri(u) for u in uris], "src_uri": uris, "dst_key": keys}, schema=LISTING_SCHEMA
+    )
+
+
+def listing_uri(dst: str) -> str:
+    return join(dst, "_state", "listing.parquet")
+
+
+def list_inputs(src: str, dst: str, storage: StorageConfig, fmt: str) -> tuple[pa.Table, bool]:
+    """The job's inputs, and whether they came from the listing cached by an earlier run.
+
+    A folder/prefix is listed once; the result is kept under DST/_state/ so a
+    resumed run over a huge prefix does not list it again.
+    """
+    cached = listing_uri(dst)
+    fs, path = filesystem(cached, storage)
+    if fs.exists(path):
+        table = pq.read_table(io.BytesIO(fs.cat_file(path)))
+        meta = table.schema.metadata or {}
+        if meta.get(b"src") == src.encode() and meta.get(b"format") == fmt.encode():
+            return table, True
+    table = _from_list_file(src, storage, fmt) if _is_list_file(src) else _from_folder(src, storage, fmt)
+    table = table.replace_schema_metadata({"src": src, "format": fmt})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    write_bytes_atomic(cached, buf.getvalue(), storage)
+    return table, False

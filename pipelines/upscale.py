@@ -1,0 +1,171 @@
+"""`ugcsr upscale`: a streaming, resumable Ray Data pipeline.
+
+read (CPU) -> decode (CPU) -> semantic (actor pool, fractional GPU) -> SR
+(actor pool) -> encode + write (CPU) -> manifest parts written by the driver
+as rows stream in. Resume: inputs with an `ok` row of the same params_hash
+are dropped before the dataset is built.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from actors.decode import DecodeStage
+from actors.read import ReadStage
+from actors.semantic import SemanticStage
+from actors.sr import SRStage
+from actors.write import WriteStage
+from cluster import ray_runtime
+from cluster.storage import join, write_bytes_atomic
+
+from .job import UpscaleJob
+from .listing import list_inputs
+from .manifest import STAGES, ManifestWriter, done_ids, rows_from_batch
+
+
+@dataclass
+class Plan:
+    total: int
+    todo: pa.Table
+    skipped: int
+    listing_cached: bool
+    pools: dict = field(default_factory=dict)
+
+
+def plan_pools(job: UpscaleJob, gpus: float) -> dict:
+    r = job.resources
+    if gpus > 0:
+        # One SR actor per GPU (0.75 of it), the rest of each GPU left for semantic actors.
+        sr = r.sr_actors or max(1, int(gpus // r.sr_gpus) if r.sr_gpus >= 1 else int(gpus))
+        sem = r.semantic_actors or max(1, math.ceil(gpus / 4))
+        return dict(sr_actors=sr, sr_gpus=r.sr_gpus, semantic_actors=sem, semantic_gpus=r.semantic_gpus,
+                    sr_cpus=r.sr_cpus, semantic_cpus=r.semantic_cpus, io_cpus=r.io_cpus)
+    # No GPUs: the same pipeline with CPU actors (tests, laptops).
+    return dict(sr_actors=r.sr_actors or 1, sr_gpus=0, semantic_actors=r.semantic_actors or 1, semantic_gpus=0,
+                sr_cpus=r.sr_cpus, semantic_cpus=r.semantic_cpus, io_cpus=r.io_cpus)
+
+
+def make_plan(job: UpscaleJob, gpus: float = 0.0) -> Plan:
+    listing, cached = list_inputs(job.src, job.dst, job.storage, job.format)
+    if job.limit:
+        listing = listing.slice(0, job.limit)
+    done = done_ids(job.dst, job.storage, job.model.params_hash())
+    todo = listing.filter(pc.invert(pc.is_in(listing["image_id"], value_set=done))) if len(done) else listing
+    return Plan(total=len(listing), todo=todo, skipped=len(listing) - len(todo), listing_cached=cached,
+                pools=plan_pools(job, gpus))
+
+
+def build_dataset(job: UpscaleJob, todo: pa.Table, pools: dict):
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    r = job.resources
+    k = r.rows_per_block
+    blocks = [todo.slice(i, k) for i in range(0, len(todo), k)]
+    model = job.model.model_dump(mode="json")
+    storage = job.storage.model_dump(mode="json")
+    ds = ray.data.from_arrow(blocks)
+    ds = ds.map_batches(ReadStage, fn_constructor_kwargs={"storage": storage}, batch_size=r.io_batch,
+                        compute=ActorPoolStrategy(min_size=1, max_size=4), num_cpus=pools["io_cpus"])
+    ds = ds.map_batches(DecodeStage, fn_constructor_kwargs={"max_pixels": job.max_pixels}, batch_size=r.io_batch,
+                        compute=ActorPoolStrategy(min_size=1, max_size=4), num_cpus=pools["io_cpus"])
+    ds = ds.map_batches(SemanticStage, fn_constructor_kwargs={"config": model}, batch_size=r.semantic_batch,
+                        compute=ActorPoolStrategy(size=pools["semantic_actors"]),
+                        num_gpus=pools["semantic_gpus"], num_cpus=pools["semantic_cpus"])
+    ds = ds.map_batches(SRStage, fn_constructor_kwargs={"config": model, "base_seed": job.base_seed},
+                        batch_size=r.sr_batch, compute=ActorPoolStrategy(size=pools["sr_actors"]),
+                        num_gpus=pools["sr_gpus"], num_cpus=pools["sr_cpus"])
+    ds = ds.map_batches(WriteStage, fn_constructor_kwargs={"dst": job.dst, "fmt": job.format, "quality": job.quality,
+                                                           "storage": storage},
+                        batch_size=r.io_batch, compute=ActorPoolStrategy(min_size=1, max_size=4),
+                        num_cpus=pools["io_cpus"])
+    return ds
+
+
+def summarize(rows: list[dict], plan: Plan, wall: float, job: UpscaleJob) -> dict:
+    status = Counter(r["status"] for r in rows)
+    if plan.skipped:
+        status["skipped"] += plan.skipped
+    per_stage = {}
+    for s in STAGES:
+        times = [r["timings_ms"][s] for r in rows if r["timings_ms"].get(s)]
+        if times:
+            per_stage[s] = {"ms_per_image": round(sum(times) / len(times), 3), "images_per_s_per_worker": round(1000 * len(times) / sum(times), 3)}
+    return {
+        "src": job.src,
+        "dst": job.dst,
+        "preset": job.model.name,
+        "params_hash": job.model.params_hash(),
+        "images": plan.total,
+        "by_status": dict(status),
+        "by_error_type": dict(Counter(r["error_type"] for r in rows if r["error_type"])),
+        "processed": len(rows),
+        "wall_s": round(wall, 3),
+        "images_per_s": round(len(rows) / wall, 4) if wall > 0 else None,
+        "stages": per_stage,
+        "pools": plan.pools,
+        "listing_reused": plan.listing_cached,
+    }
+
+
+def run_upscale(job: UpscaleJob, *, on_plan=None, on_rows=None, num_cpus: int | None = None) -> dict:
+    """Run the job to the end; `on_plan(plan)` sees the plan, `on_rows(rows)` each batch of manifest rows."""
+    started = time.perf_counter()
+    ray_runtime.connect(job.address, num_cpus=num_cpus)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the CLI draws its own
+    plan = make_plan(job, ray_runtime.cluster_gpus())
+    if on_plan:
+        on_plan(plan)
+    writer = ManifestWriter(job.dst, job.storage, max_delay_s=job.manifest_flush_s)
+    rows: list[dict] = []
+    meta = dict(params_hash=job.model.params_hash(), model_id=_model_id(job), node_id=socket.gethostname())
+    if len(plan.todo):
+        ds = build_dataset(job, plan.todo, plan.pools)
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
+            new = rows_from_batch(batch, **meta)
+            writer.add(new)
+            rows += new
+            if on_rows:
+                on_rows(new)
+    writer.flush()
+    summary = summarize(rows, plan, time.perf_counter() - started, job)
+    write_bytes_atomic(join(job.dst, "_manifest", "summary.json"), json.dumps(summary, indent=2).encode(), job.storage)
+    return summary
+
+
+def _model_id(job: UpscaleJob) -> str:
+    src = job.model.source
+    return f"{job.model.name}:{src.revision}" if src else f"{job.model.name}:random"
+
+
+def dry_run(job: UpscaleJob) -> dict:
+    """What would run: counts to process/skip and the pools asked for, without loading any model."""
+    gpus = 0.0
+    try:
+        import ray
+
+        if ray.is_initialized() or job.address:
+            ray_runtime.connect(job.address)
+            gpus = ray_runtime.cluster_gpus()
+    except Exception:  # noqa: BLE001 - a dry run never needs a cluster
+        pass
+    plan = make_plan(job, gpus)
+    return {
+        "images": plan.total,
+        "to_process": len(plan.todo),
+        "to_skip": plan.skipped,
+        "listing_reused": plan.listing_cached,
+        "params_hash": job.model.params_hash(),
+        "pools": plan.pools,
+        "first": plan.todo.slice(0, 5).column("src_uri").to_pylist(),
+    }
