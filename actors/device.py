@@ -10,3 +10,9 @@ def pick_device(requested: str | None = None) -> str:
     if requested:
         return requested
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def use_cpu_threads(device: str, threads: int | None) -> None:
+    """On CPU, let torch use `threads` (Ray pins an actor to OMP_NUM_THREADS=num_cpus, often 1)."""
+    if device == "cpu" and threads:
+        torch.set_num_threads(threads)

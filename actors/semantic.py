@@ -7,18 +7,20 @@ import torch
 
 from srmodel.config import ModelConfig
 from srmodel.loader import load_semantic_encoder
-from srmodel.text import FixedTagger, build_prompt
+from srmodel.prompts import FixedTagger, build_prompt
 
 from .batch import ensure_status_columns, fail, ok_rows, size, timed
-from .device import pick_device
+from .device import pick_device, use_cpu_threads
 
 
 class SemanticStage:
     """batch: `image` -> adds `tokens` ((N, 256) float16 per row) and `prompt`."""
 
-    def __init__(self, config: dict | ModelConfig, device: str | None = None, tags: str = ""):
+    def __init__(self, config: dict | ModelConfig, device: str | None = None, tags: str = "",
+                 cpu_threads: int | None = None):
         self.config = ModelConfig.model_validate(config)
         self.device = pick_device(device)
+        use_cpu_threads(self.device, cpu_threads)
         self.encoder = load_semantic_encoder(self.config, self.device)
         self.tagger = FixedTagger(tags)  # the RAM+DAPE tagger plugs in here
         self.empty = np.zeros((self.encoder.num_tokens, self.encoder.d_model), np.float16)

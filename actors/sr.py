@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import numpy as np
 import torch
 
@@ -11,15 +13,29 @@ from srmodel.seeds import seed_for
 from srmodel.upscaler import SRRequest
 
 from .batch import EMPTY_IMAGE, ensure_status_columns, fail, ok_rows, size, timed
-from .device import pick_device
+from .device import pick_device, use_cpu_threads
+
+
+def node_id() -> str:
+    """The Ray node this actor runs on (the host name outside Ray)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except ImportError:
+        pass
+    return socket.gethostname()
 
 
 class SRStage:
     """batch: `image_id`, `image`, `tokens`, `prompt` -> adds `sr_image` and `seed`; drops `tokens`."""
 
-    def __init__(self, config: dict | ModelConfig, device: str | None = None, base_seed: int = 0):
+    def __init__(self, config: dict | ModelConfig, device: str | None = None, base_seed: int = 0,
+                 cpu_threads: int | None = None):
         self.config = ModelConfig.model_validate(config)
         self.device = pick_device(device)
+        use_cpu_threads(self.device, cpu_threads)
         self.upscaler = load_upscaler(self.config, self.device)
         self.base_seed = base_seed
 
@@ -47,5 +63,5 @@ class SRStage:
             for i, img in zip(rows, results):
                 out[i] = img
         batch.pop("tokens", None)
-        batch.update(sr_image=out, seed=np.array(seeds, dtype=np.int64))
+        batch.update(sr_image=out, seed=np.array(seeds, dtype=np.int64), node_id=[node_id()] * n)
         return batch

@@ -7,7 +7,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from cluster.storage import StorageConfig, join, write_bytes_atomic
+from cluster.storage import StorageConfig, is_remote, join, write_bytes_atomic
 
 from .batch import ensure_status_columns, fail, ok_rows, size, timed
 
@@ -21,6 +21,10 @@ def encode_image(rgb: np.ndarray, fmt: str = "png", quality: int = 95) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, FORMATS[fmt], **({} if fmt == "png" else {"quality": quality}))
     return buf.getvalue()
+
+
+def as_uri(location: str) -> str:
+    return location if is_remote(location) else "file://" + location
 
 
 class WriteStage:
@@ -45,7 +49,7 @@ class WriteStage:
                 except Exception as err:  # noqa: BLE001 - this image's record, not the job's end
                     fail(batch, i, "write", f"cannot write {uri}: {err}", type(err).__name__)
                     continue
-                uris[i], heights[i], widths[i] = uri, img.shape[0], img.shape[1]
+                uris[i], heights[i], widths[i] = as_uri(uri), img.shape[0], img.shape[1]
         for col in HEAVY:
             batch.pop(col, None)
         batch.update(

@@ -70,7 +70,6 @@ def upscale(
     """Super-resolve every image under SRC into DST, with a Parquet manifest; re-running resumes."""
     from pipelines.job import UpscaleJob, load_yaml
     from pipelines.upscale import dry_run as plan_only
-    from pipelines.upscale import run_upscale
 
     if preset not in PRESET_NAMES:
         raise typer.BadParameter(f"unknown preset {preset!r}; choose one of {', '.join(PRESET_NAMES)}")
@@ -93,9 +92,19 @@ def upscale(
         console.print(f"[red]invalid job settings:[/red]\n{err}")
         raise typer.Exit(2) from err
 
-    if dry_run:
-        print(json.dumps(plan_only(job), indent=2))
-        return
+    try:
+        if dry_run:
+            print(json.dumps(plan_only(job), indent=2))
+            return
+        _run(job, dst)
+    except (FileNotFoundError, PermissionError, ValueError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from err
+
+
+def _run(job, dst: str) -> None:
+    from pipelines.upscale import run_upscale
+
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[failed]} failed, {task.fields[rate]:.2f} img/s"), TimeRemainingColumn())
     with Progress(*columns, console=console) as bar:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from actors.decode import DEFAULT_MAX_PIXELS
-from cluster.storage import StorageConfig
+from cluster.storage import StorageConfig, is_remote
 from srmodel.config import ModelConfig
 
 
@@ -27,6 +28,7 @@ class ResourcesConfig(BaseModel):
     sr_batch: int = Field(8, ge=1)
     semantic_batch: int = Field(8, ge=1)
     io_batch: int = Field(8, ge=1)
+    io_tasks: int = Field(2, ge=1, description="concurrent read/decode and write tasks (each stage)")
     rows_per_block: int = Field(16, ge=1)
 
 
@@ -44,6 +46,14 @@ class UpscaleJob(BaseModel):
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="larger inputs get an error row")
     base_seed: int = 0
     address: str | None = None
+    @field_validator("src", "dst")
+    @classmethod
+    def _absolute_local(cls, v: str) -> str:
+        # Actors may run in another working directory (or on another node sharing the filesystem).
+        if v.startswith("file://"):
+            v = v[len("file://"):]
+        return v if is_remote(v) else os.path.abspath(os.path.expanduser(v))
+
     manifest_flush_s: float = Field(5.0, ge=0, description="longest wait before buffered manifest rows are written")
 
 

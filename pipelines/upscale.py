@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import socket
 import time
 from collections import Counter
@@ -18,11 +19,9 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from actors.decode import DecodeStage
-from actors.read import ReadStage
+from actors import io
 from actors.semantic import SemanticStage
 from actors.sr import SRStage
-from actors.write import WriteStage
 from cluster import ray_runtime
 from cluster.storage import join, write_bytes_atomic
 
@@ -48,9 +47,11 @@ def plan_pools(job: UpscaleJob, gpus: float) -> dict:
         sem = r.semantic_actors or max(1, math.ceil(gpus / 4))
         return dict(sr_actors=sr, sr_gpus=r.sr_gpus, semantic_actors=sem, semantic_gpus=r.semantic_gpus,
                     sr_cpus=r.sr_cpus, semantic_cpus=r.semantic_cpus, io_cpus=r.io_cpus)
-    # No GPUs: the same pipeline with CPU actors (tests, laptops).
-    return dict(sr_actors=r.sr_actors or 1, sr_gpus=0, semantic_actors=r.semantic_actors or 1, semantic_gpus=0,
-                sr_cpus=r.sr_cpus, semantic_cpus=r.semantic_cpus, io_cpus=r.io_cpus)
+    # No GPUs: the same pipeline with CPU actors (tests, laptops); the SR actors share the cores' threads.
+    sr = r.sr_actors or 1
+    return dict(sr_actors=sr, sr_gpus=0, semantic_actors=r.semantic_actors or 1, semantic_gpus=0,
+                sr_cpus=r.sr_cpus, semantic_cpus=r.semantic_cpus, io_cpus=r.io_cpus,
+                cpu_threads=max(1, (os.cpu_count() or 1) // sr))
 
 
 def make_plan(job: UpscaleJob, gpus: float = 0.0) -> Plan:
@@ -65,7 +66,7 @@ def make_plan(job: UpscaleJob, gpus: float = 0.0) -> Plan:
 
 def build_dataset(job: UpscaleJob, todo: pa.Table, pools: dict):
     import ray.data
-    from ray.data import ActorPoolStrategy
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     r = job.resources
     k = r.rows_per_block
@@ -73,20 +74,19 @@ def build_dataset(job: UpscaleJob, todo: pa.Table, pools: dict):
     model = job.model.model_dump(mode="json")
     storage = job.storage.model_dump(mode="json")
     ds = ray.data.from_arrow(blocks)
-    ds = ds.map_batches(ReadStage, fn_constructor_kwargs={"storage": storage}, batch_size=r.io_batch,
-                        compute=ActorPoolStrategy(min_size=1, max_size=4), num_cpus=pools["io_cpus"])
-    ds = ds.map_batches(DecodeStage, fn_constructor_kwargs={"max_pixels": job.max_pixels}, batch_size=r.io_batch,
-                        compute=ActorPoolStrategy(min_size=1, max_size=4), num_cpus=pools["io_cpus"])
-    ds = ds.map_batches(SemanticStage, fn_constructor_kwargs={"config": model}, batch_size=r.semantic_batch,
-                        compute=ActorPoolStrategy(size=pools["semantic_actors"]),
+    # IO stages are cheap to construct: run them as tasks in Ray's pooled workers (Ray Data fuses
+    # read+decode into one task) instead of starting more actor processes.
+    ds = ds.map_batches(io.read_decode, fn_kwargs={"storage": storage, "max_pixels": job.max_pixels},
+                        batch_size=r.io_batch, num_cpus=pools["io_cpus"], compute=TaskPoolStrategy(size=r.io_tasks))
+    ds = ds.map_batches(SemanticStage, fn_constructor_kwargs={"config": model, "cpu_threads": pools.get("cpu_threads")},
+                        batch_size=r.semantic_batch, compute=ActorPoolStrategy(size=pools["semantic_actors"]),
                         num_gpus=pools["semantic_gpus"], num_cpus=pools["semantic_cpus"])
-    ds = ds.map_batches(SRStage, fn_constructor_kwargs={"config": model, "base_seed": job.base_seed},
+    ds = ds.map_batches(SRStage, fn_constructor_kwargs={"config": model, "base_seed": job.base_seed,
+                                                         "cpu_threads": pools.get("cpu_threads")},
                         batch_size=r.sr_batch, compute=ActorPoolStrategy(size=pools["sr_actors"]),
                         num_gpus=pools["sr_gpus"], num_cpus=pools["sr_cpus"])
-    ds = ds.map_batches(WriteStage, fn_constructor_kwargs={"dst": job.dst, "fmt": job.format, "quality": job.quality,
-                                                           "storage": storage},
-                        batch_size=r.io_batch, compute=ActorPoolStrategy(min_size=1, max_size=4),
-                        num_cpus=pools["io_cpus"])
+    ds = ds.map_batches(io.write, fn_kwargs={"dst": job.dst, "fmt": job.format, "quality": job.quality, "storage": storage},
+                        batch_size=r.io_batch, num_cpus=pools["io_cpus"], compute=TaskPoolStrategy(size=r.io_tasks))
     return ds
 
 
@@ -119,11 +119,12 @@ def summarize(rows: list[dict], plan: Plan, wall: float, job: UpscaleJob) -> dic
 def run_upscale(job: UpscaleJob, *, on_plan=None, on_rows=None, num_cpus: int | None = None) -> dict:
     """Run the job to the end; `on_plan(plan)` sees the plan, `on_rows(rows)` each batch of manifest rows."""
     started = time.perf_counter()
+    plan = make_plan(job)  # bad SRC/DST fail here, before any cluster is started
     ray_runtime.connect(job.address, num_cpus=num_cpus)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # the CLI draws its own
-    plan = make_plan(job, ray_runtime.cluster_gpus())
+    plan.pools = plan_pools(job, ray_runtime.cluster_gpus())
     if on_plan:
         on_plan(plan)
     writer = ManifestWriter(job.dst, job.storage, max_delay_s=job.manifest_flush_s)

@@ -4,41 +4,46 @@ Parts: SemanticUNet / SemanticControlNet (released checkpoint-90000 folders),
 SemanticEncoder (SAM2.1 hiera-tiny tokens), TextConditioner + build_prompt,
 denoise (DDPM loop, CFG, batched latent tiles), SemanticUpscaler (the SR
 stage end to end), presets and the tiny random model for tests.
+
+Names are imported on first use: a stage that needs only the SAM2 encoder does
+not pay for importing diffusers and transformers (seconds per actor start).
 """
 
-from .colorfix import color_fix
-from .config import ModelConfig, ModelSource, SamplerConfig, TilingConfig
-from .controlnet import SemanticControlNet
-from .errors import WeightsError
-from .presets import PRESET_NAMES, get_preset
-from .sampler import denoise
-from .seeds import image_id_from_uri, seed_for
-from .semantic_encoder import SemanticEncoder, widen_tokens
-from .text import FixedTagger, TextConditioner, build_prompt
-from .tiny import ensure_tiny_model
-from .unet import SemanticUNet
-from .upscaler import SemanticUpscaler, SRRequest
+from importlib import import_module
 
-__all__ = [
-    "PRESET_NAMES",
-    "FixedTagger",
-    "ModelConfig",
-    "ModelSource",
-    "SRRequest",
-    "SamplerConfig",
-    "SemanticControlNet",
-    "SemanticEncoder",
-    "SemanticUNet",
-    "SemanticUpscaler",
-    "TextConditioner",
-    "TilingConfig",
-    "WeightsError",
-    "build_prompt",
-    "color_fix",
-    "denoise",
-    "ensure_tiny_model",
-    "get_preset",
-    "image_id_from_uri",
-    "seed_for",
-    "widen_tokens",
-]
+_EXPORTS = {
+    "color_fix": "colorfix",
+    "ModelConfig": "config",
+    "ModelSource": "config",
+    "SamplerConfig": "config",
+    "TilingConfig": "config",
+    "SemanticControlNet": "controlnet",
+    "WeightsError": "errors",
+    "PRESET_NAMES": "presets",
+    "get_preset": "presets",
+    "denoise": "sampler",
+    "image_id_from_uri": "seeds",
+    "seed_for": "seeds",
+    "SemanticEncoder": "semantic_encoder",
+    "widen_tokens": "semantic_encoder",
+    "FixedTagger": "prompts",
+    "TextConditioner": "text",
+    "build_prompt": "prompts",
+    "ensure_tiny_model": "tiny",
+    "SemanticUNet": "unet",
+    "SemanticUpscaler": "upscaler",
+    "SRRequest": "upscaler",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'srmodel' has no attribute {name!r}")
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .config import ModelConfig
-from .semantic_encoder import SemanticEncoder
 from .tiny import ensure_tiny_model
-from .upscaler import SemanticUpscaler
+
+if TYPE_CHECKING:  # imported where used: each stage loads only its own libraries
+    from .semantic_encoder import SemanticEncoder
+    from .upscaler import SemanticUpscaler
 
 
 def resolve(config: ModelConfig) -> ModelConfig:
@@ -20,7 +24,9 @@ def resolve(config: ModelConfig) -> ModelConfig:
     )
 
 
-def load_semantic_encoder(config: ModelConfig, device="cpu") -> SemanticEncoder:
+def load_semantic_encoder(config: ModelConfig, device="cpu") -> "SemanticEncoder":
+    from .semantic_encoder import SemanticEncoder
+
     config = resolve(config)
     # SAM2 runs in fp32 unless fp16/bf16 is asked for: it is ~1% of the work.
     return SemanticEncoder.from_pretrained(
@@ -28,5 +34,7 @@ def load_semantic_encoder(config: ModelConfig, device="cpu") -> SemanticEncoder:
     )
 
 
-def load_upscaler(config: ModelConfig, device="cpu") -> SemanticUpscaler:
+def load_upscaler(config: ModelConfig, device="cpu") -> "SemanticUpscaler":
+    from .upscaler import SemanticUpscaler
+
     return SemanticUpscaler.from_config(resolve(config), device=device)

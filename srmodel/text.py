@@ -2,37 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .errors import WeightsError
-
-# The tagger is pluggable: anything mapping RGB uint8 images to one tag string each.
-Tagger = Callable[[Sequence[np.ndarray]], list[str]]
-
-
-def build_prompt(tags: str, user_prompt: str = "", added_prompt: str = "") -> str:
-    """The released prompt string, spacing quirks included: f"{tags}, {prompt}," + added_prompt.
-
-    e.g. tags "dog, grass", no user prompt, the wild added prompt ->
-    "dog, grass, ,clean, high-resolution, 8k, ultra-detailed, ultra-realistic".
-    """
-    return f"{tags}, {user_prompt}," + added_prompt
-
-
-class FixedTagger:
-    """A tagger that gives every image the same tag string (no RAM weights needed)."""
-
-    def __init__(self, tags: str = ""):
-        self.tags = tags
-
-    def __call__(self, images: Sequence[np.ndarray]) -> list[str]:
-        return [self.tags for _ in images]
-
+from .prompts import FixedTagger, Tagger, build_prompt  # noqa: F401 - re-exported
 
 class TextConditioner:
     """CLIP tokenizer + text encoder; prompts -> (B, 77, D) last hidden states, as the release used."""

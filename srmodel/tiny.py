@@ -13,14 +13,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .config import ModelSource
-from .controlnet import SemanticControlNet
-from .ddpm import SD2_SCHEDULER_CONFIG
-from .semantic_encoder import TINY_TEST_CONFIG, SemanticEncoder, save_sam2_checkpoint
-from .unet import SemanticUNet
 
 TINY_VERSION = "tiny-v1"
 TEXT_DIM = 32
@@ -59,9 +53,10 @@ def tiny_source(folder: Path) -> ModelSource:
     )
 
 
-def _byte_tokenizer(folder: Path) -> CLIPTokenizer:
+def _byte_tokenizer(folder: Path):
     """A CLIP BPE tokenizer with only byte-level symbols (no merges): small, offline, real format."""
     from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
 
     chars = sorted(ByteLevel.alphabet())
     tokens = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)]
@@ -79,6 +74,15 @@ def _perturb(model: torch.nn.Module, gen: torch.Generator, scale: float = 0.05) 
 
 
 def _write_tiny(folder: Path) -> None:
+    # Heavy imports here: loading an already built tiny model must stay cheap.
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .controlnet import SemanticControlNet
+    from .ddpm import SD2_SCHEDULER_CONFIG
+    from .semantic_encoder import TINY_TEST_CONFIG, SemanticEncoder, save_sam2_checkpoint
+    from .unet import SemanticUNet
+
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     sd = folder / "stable-diffusion-2-base"

@@ -1,0 +1,123 @@
+"""Stage classes without Ray: bad input isolation, retries, output naming."""
+
+import io
+
+import numpy as np
+import pytest
+
+from actors.decode import DecodeStage
+from actors.read import ReadStage
+from actors.sr import SRStage
+from actors.write import WriteStage, encode_image
+from cluster.storage import StorageConfig, is_transient, with_retries
+from inputs import write_inputs
+from pipelines.paths import output_key
+from srmodel import get_preset
+
+
+def test_decode_stage_isolates_every_bad_input(tmp_path):
+    expect = write_inputs(tmp_path / "in")
+    names = sorted(expect)
+    batch = {"image_id": names, "src_uri": [f"file://{tmp_path}/in/{n}" for n in names],
+             "bytes": [(tmp_path / "in" / n).read_bytes() for n in names]}
+    out = DecodeStage(max_pixels=50_000)(batch)
+    for i, name in enumerate(names):
+        kind, value = expect[name]
+        if kind == "ok":
+            assert not out["error_type"][i], (name, out["error_message"][i])
+            assert out["image"][i].shape == (value[1], value[0], 3) and out["image"][i].dtype == np.uint8
+        else:
+            assert out["error_type"][i] == value and out["stage"][i] == "decode"
+            assert name in out["error_message"][i]
+    assert "bytes" not in out
+
+
+def test_rgba_is_composited_on_white_and_exif_applied(tmp_path):
+    from PIL import Image
+
+    transparent = Image.new("RGBA", (4, 3), (255, 0, 0, 0))
+    buf = io.BytesIO()
+    transparent.save(buf, "PNG")
+    out = DecodeStage()({"image_id": ["a"], "src_uri": ["x"], "bytes": [buf.getvalue()]})
+    assert (out["image"][0] == 255).all()
+
+
+def test_transient_errors_are_retried_permanent_ones_not():
+    calls = {"n": 0}
+
+    def flaky():
+        calls["n"] += 1
+        if calls["n"] < 3:
+            raise OSError("503 Service Unavailable (SlowDown)")
+        return b"ok"
+
+    cfg = StorageConfig(retries=4, backoff_s=0.001)
+    assert with_retries(flaky, cfg, "x") == b"ok" and calls["n"] == 3
+    calls["n"] = 0
+    with pytest.raises(FileNotFoundError):
+        with_retries(lambda: (calls.__setitem__("n", calls["n"] + 1), (_ for _ in ()).throw(FileNotFoundError("404")))[1], cfg, "x")
+    assert calls["n"] == 1
+    assert is_transient(ConnectionError()) and is_transient(TimeoutError())
+    assert not is_transient(PermissionError("403")) and not is_transient(ValueError("bad"))
+    always = lambda: (_ for _ in ()).throw(OSError("500 InternalError"))  # noqa: E731
+    with pytest.raises(OSError):
+        with_retries(always, StorageConfig(retries=2, backoff_s=0.001), "x")
+
+
+def test_read_stage_turns_missing_objects_into_rows(tmp_path):
+    ok = tmp_path / "ok.png"
+    ok.write_bytes(b"data")
+    batch = {"image_id": ["1", "2"], "src_uri": [str(ok), str(tmp_path / "gone.png")]}
+    out = ReadStage()(batch)
+    assert out["bytes"][0] == b"data" and out["src_bytes"][0] == 4 and not out["error_type"][0]
+    assert out["error_type"][1] == "FileNotFoundError" and out["stage"][1] == "read"
+    assert "gone.png" in out["error_message"][1]
+
+
+@pytest.mark.parametrize("src,expected", [
+    ("a/b/photo.jpg", "a/b/photo.png"),
+    ("../../x.jpg", "x.png"),
+    ("/etc/passwd.jpg", "etc/passwd.png"),
+    ("a/../../../b.JPG", "a/b.png"),
+    ("we ird/na\u0000me\u202e.jpg", "we_ird/na_me_.png"),
+    ("ｆｕｌｌ/ǅ.png", "full/Dž.png"),
+    ("..", "_.png"),
+])
+def test_output_keys_never_escape(src, expected):
+    key = output_key(src, "png")
+    assert key == expected
+    assert not key.startswith("/") and ".." not in key.split("/")
+
+
+def test_write_stage_formats(tmp_path):
+    img = np.full((6, 5, 3), 128, np.uint8)
+    for fmt in ("png", "webp", "jpeg"):
+        assert len(encode_image(img, fmt)) > 0
+    with pytest.raises(ValueError, match="unknown output format"):
+        WriteStage(str(tmp_path), fmt="bmp")
+    out = WriteStage(str(tmp_path))({"image_id": ["a", "b"], "sr_image": [img, img], "dst_key": ["x/a.png", "b.png"],
+                                     "error_type": ["", "DecodeError"], "error_message": ["", "bad"], "stage": ["", "decode"]})
+    assert (tmp_path / "x" / "a.png").is_file() and not (tmp_path / "b.png").exists()
+    assert out["status"] == ["ok", "error"] and out["dst_width"][0] == 5 and "sr_image" not in out
+    assert not list(tmp_path.rglob("*.tmp")), "no temp files left behind"
+
+
+def test_sr_stage_isolates_an_image_that_fails(tiny_cache, monkeypatch):
+    stage = SRStage(get_preset("tiny").model_copy(update={"sampler": get_preset("tiny").sampler.model_copy(update={"steps": 1})}))
+    good = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    bad = good.copy()
+    tokens = np.zeros((256, 256), np.float16)
+    real = stage.upscaler.upscale
+
+    def upscale(requests):
+        if any(r.image.shape == (9, 9, 3) for r in requests):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(requests)
+
+    monkeypatch.setattr(stage.upscaler, "upscale", upscale)
+    bad = np.zeros((9, 9, 3), np.uint8)
+    batch = {"image_id": ["g", "b"], "image": [good, bad], "tokens": [tokens, tokens], "prompt": ["p", "p"],
+             "error_type": ["", ""], "error_message": ["", ""], "stage": ["", ""]}
+    out = stage(batch)
+    assert out["sr_image"][0].shape == (32, 32, 3) and not out["error_type"][0]
+    assert out["error_type"][1] == "RuntimeError" and out["stage"][1] == "sr" and "out of memory" in out["error_message"][1]
