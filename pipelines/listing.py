@@ -61,7 +61,7 @@ def listing_uri(dst: str) -> str:
     return join(dst, "_state", "listing.parquet")
 
 
-def list_inputs(src: str, dst: str, storage: StorageConfig, fmt: str) -> tuple[pa.Table, bool]:
+def list_inputs(src: str, dst: str, storage: StorageConfig, fmt: str, *, save: bool = True) -> tuple[pa.Table, bool]:
     """The job's inputs, and whether they came from the listing cached by an earlier run.
 
     A folder/prefix is listed once; the result is kept under DST/_state/ so a
@@ -76,6 +76,8 @@ def list_inputs(src: str, dst: str, storage: StorageConfig, fmt: str) -> tuple[p
             return table, True
     table = _from_list_file(src, storage, fmt) if _is_list_file(src) else _from_folder(src, storage, fmt)
     table = table.replace_schema_metadata({"src": src, "format": fmt})
+    if not save:
+        return table, False
     buf = io.BytesIO()
     pq.write_table(table, buf)
     write_bytes_atomic(cached, buf.getvalue(), storage)

@@ -54,8 +54,8 @@ def plan_pools(job: UpscaleJob, gpus: float) -> dict:
                 cpu_threads=max(1, (os.cpu_count() or 1) // sr))
 
 
-def make_plan(job: UpscaleJob, gpus: float = 0.0) -> Plan:
-    listing, cached = list_inputs(job.src, job.dst, job.storage, job.format)
+def make_plan(job: UpscaleJob, gpus: float = 0.0, *, save_listing: bool = True) -> Plan:
+    listing, cached = list_inputs(job.src, job.dst, job.storage, job.format, save=save_listing)
     if job.limit:
         listing = listing.slice(0, job.limit)
     done = done_ids(job.dst, job.storage, job.model.params_hash())
@@ -160,7 +160,7 @@ def dry_run(job: UpscaleJob) -> dict:
             gpus = ray_runtime.cluster_gpus()
     except Exception:  # noqa: BLE001 - a dry run never needs a cluster
         pass
-    plan = make_plan(job, gpus)
+    plan = make_plan(job, gpus, save_listing=False)  # a dry run writes nothing
     return {
         "images": plan.total,
         "to_process": len(plan.todo),
