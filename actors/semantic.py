@@ -1,12 +1,21 @@
-"""Semantic stage: SAM2.1 tokens (compact fp16, 256 wide) and the prompt per image."""
+"""Semantic stage: SAM2.1 tokens (compact fp16, 256 wide) and the prompt per image.
+
+With a cache URI, tokens and tags are stored per image_id (under a key of the
+semantic model's identity) and read back on later runs; the SAM2 encoder is
+then loaded only if some image misses the cache.
+"""
 
 from __future__ import annotations
+
+import hashlib
+import io
 
 import numpy as np
 import torch
 
+from cluster.storage import StorageConfig, filesystem, join, write_bytes_atomic
 from srmodel.config import ModelConfig
-from srmodel.loader import load_semantic_encoder
+from srmodel.loader import load_semantic_encoder, resolve
 from srmodel.prompts import FixedTagger, build_prompt
 
 from .batch import ensure_status_columns, fail, ok_rows, size, timed
@@ -17,40 +26,79 @@ class SemanticStage:
     """batch: `image` -> adds `tokens` ((N, 256) float16 per row) and `prompt`."""
 
     def __init__(self, config: dict | ModelConfig, device: str | None = None, tags: str = "",
-                 cpu_threads: int | None = None):
-        self.config = ModelConfig.model_validate(config)
+                 cpu_threads: int | None = None, cache_uri: str | None = None, storage: dict | None = None):
+        self.config = resolve(ModelConfig.model_validate(config))
         self.device = pick_device(device)
         use_cpu_threads(self.device, cpu_threads)
-        self.encoder = load_semantic_encoder(self.config, self.device)
         self.tagger = FixedTagger(tags)  # the RAM+DAPE tagger plugs in here
-        self.empty = np.zeros((self.encoder.num_tokens, self.encoder.d_model), np.float16)
+        self.storage = StorageConfig.model_validate(storage or {})
+        self.cache = join(cache_uri, self.semantic_key()) if cache_uri else None
+        self._encoder = None
 
-    def _encode(self, images: list[np.ndarray]) -> np.ndarray:
+    def semantic_key(self) -> str:
+        """Identity of what produces tokens and tags: cached entries from other weights never match."""
+        src = self.config.source
+        ident = f"{src.revision}|{src.sam2_checkpoint}|{src.sam2_config}|{self.config.dtype}|{self.tagger.tags}"
+        return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+    @property
+    def encoder(self):
+        if self._encoder is None:  # loaded on the first cache miss only
+            self._encoder = load_semantic_encoder(self.config, self.device)
+        return self._encoder
+
+    def _encode(self, images: list[np.ndarray]) -> list[np.ndarray]:
         with torch.inference_mode():
-            return self.encoder.encode(images).to(torch.float16).cpu().numpy()
+            return list(self.encoder.encode(images).to(torch.float16).cpu().numpy())
+
+    def _cache_get(self, image_id: str):
+        fs, path = filesystem(join(self.cache, f"{image_id}.npz"), self.storage)
+        try:
+            with np.load(io.BytesIO(fs.cat_file(path))) as data:
+                return data["tokens"], str(data["tags"])
+        except FileNotFoundError:
+            return None
+
+    def _cache_put(self, image_id: str, tokens: np.ndarray, tags: str) -> None:
+        buf = io.BytesIO()
+        np.savez(buf, tokens=tokens, tags=np.array(tags))
+        write_bytes_atomic(join(self.cache, f"{image_id}.npz"), buf.getvalue(), self.storage)
 
     def __call__(self, batch: dict) -> dict:
         batch = ensure_status_columns(batch)
         n = size(batch)
-        tokens, prompts = [self.empty] * n, [""] * n
+        tokens: list = [None] * n
+        tags: list = [""] * n
         with timed(batch, "semantic"):
-            rows = ok_rows(batch)
-            images = [batch["image"][i] for i in rows]
+            todo = []
+            for i in ok_rows(batch):
+                hit = self._cache_get(str(batch["image_id"][i])) if self.cache else None
+                if hit is None:
+                    todo.append(i)
+                else:
+                    tokens[i], tags[i] = hit
+            images = [batch["image"][i] for i in todo]
             try:
-                encoded = list(self._encode(images)) if rows else []
+                encoded = self._encode(images) if todo else []
             except Exception:  # noqa: BLE001 - retry one by one so one bad image fails alone
                 encoded = []
-                for i, im in zip(rows, images):
+                for i, im in zip(todo, images):
                     try:
                         encoded.append(self._encode([im])[0])
                     except Exception as err:  # noqa: BLE001
                         fail(batch, i, "semantic", err)
                         encoded.append(None)
-            tags = self.tagger(images)
-            s = self.config.sampler
-            for k, i in enumerate(rows):
+            new_tags = self.tagger(images)
+            for k, i in enumerate(todo):
                 if encoded[k] is not None:
-                    tokens[i] = encoded[k]
-                    prompts[i] = build_prompt(tags[k], s.user_prompt, s.added_prompt)
-        batch.update(tokens=tokens, prompt=prompts)
+                    tokens[i], tags[i] = encoded[k], new_tags[k]
+                    if self.cache:
+                        self._cache_put(str(batch["image_id"][i]), encoded[k], new_tags[k])
+        s = self.config.sampler
+        shape = next((t.shape for t in tokens if t is not None), None)
+        empty = np.zeros(shape or (1, 256), np.float16)
+        batch.update(
+            tokens=[t if t is not None else empty for t in tokens],
+            prompt=[build_prompt(tags[i], s.user_prompt, s.added_prompt) if tokens[i] is not None else "" for i in range(n)],
+        )
         return batch

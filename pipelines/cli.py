@@ -65,6 +65,7 @@ def upscale(
     fmt: Optional[str] = typer.Option(None, "--format", help="png | webp | jpeg"),
     endpoint_url: Optional[str] = typer.Option(None, help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)"),
     limit: Optional[int] = typer.Option(None, min=1, help="process at most N images"),
+    cache_semantic: Optional[str] = typer.Option(None, help="URI to keep SAM2 tokens per image for later runs"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list what would run and the resources, load no model"),
 ) -> None:
     """Super-resolve every image under SRC into DST, with a Parquet manifest; re-running resumes."""
@@ -78,7 +79,8 @@ def upscale(
     data = load_yaml(config) if config else {}
     model = get_preset(preset, released_source(weights) if weights else None).model_dump(mode="json")
     data["model"] = _merge(model, data.get("model", {}))
-    overrides = {"src": src, "dst": dst, "address": address, "limit": limit, "format": fmt}
+    overrides = {"src": src, "dst": dst, "address": address, "limit": limit, "format": fmt,
+                 "cache_semantic": cache_semantic}
     data.update({k: v for k, v in overrides.items() if v is not None})
     if scale is not None:
         data["model"]["sampler"]["upscale"] = scale

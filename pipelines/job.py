@@ -46,9 +46,14 @@ class UpscaleJob(BaseModel):
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="larger inputs get an error row")
     base_seed: int = 0
     address: str | None = None
-    @field_validator("src", "dst")
+    cache_semantic: str | None = Field(
+        None, description="URI where SAM2 tokens are kept per image; re-runs with other sampler settings reuse them"
+    )
+    @field_validator("src", "dst", "cache_semantic")
     @classmethod
-    def _absolute_local(cls, v: str) -> str:
+    def _absolute_local(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
         # Actors may run in another working directory (or on another node sharing the filesystem).
         if v.startswith("file://"):
             v = v[len("file://"):]

@@ -78,7 +78,8 @@ def build_dataset(job: UpscaleJob, todo: pa.Table, pools: dict):
     # read+decode into one task) instead of starting more actor processes.
     ds = ds.map_batches(io.read_decode, fn_kwargs={"storage": storage, "max_pixels": job.max_pixels},
                         batch_size=r.io_batch, num_cpus=pools["io_cpus"], compute=TaskPoolStrategy(size=r.io_tasks))
-    ds = ds.map_batches(SemanticStage, fn_constructor_kwargs={"config": model, "cpu_threads": pools.get("cpu_threads")},
+    ds = ds.map_batches(SemanticStage, fn_constructor_kwargs={"config": model, "cpu_threads": pools.get("cpu_threads"),
+                                                               "cache_uri": job.cache_semantic, "storage": storage},
                         batch_size=r.semantic_batch, compute=ActorPoolStrategy(size=pools["semantic_actors"]),
                         num_gpus=pools["semantic_gpus"], num_cpus=pools["semantic_cpus"])
     ds = ds.map_batches(SRStage, fn_constructor_kwargs={"config": model, "base_seed": job.base_seed,

@@ -121,3 +121,24 @@ def test_sr_stage_isolates_an_image_that_fails(tiny_cache, monkeypatch):
     out = stage(batch)
     assert out["sr_image"][0].shape == (32, 32, 3) and not out["error_type"][0]
     assert out["error_type"][1] == "RuntimeError" and out["stage"][1] == "sr" and "out of memory" in out["error_message"][1]
+
+
+def test_semantic_cache_skips_the_encoder_on_reuse(tiny_cache, tmp_path):
+    from actors.semantic import SemanticStage
+
+    images = [np.random.default_rng(k).integers(0, 256, (12, 10, 3), dtype=np.uint8) for k in range(3)]
+    batch = {"image_id": ["a", "b", "c"], "image": images}
+    first = SemanticStage(get_preset("tiny"), cache_uri=str(tmp_path / "cache"))
+    out1 = first(dict(batch))
+    assert first._encoder is not None and len(list((tmp_path / "cache").rglob("*.npz"))) == 3
+    wild_prompt = get_preset("tiny").model_copy(update={"sampler": get_preset("tiny").sampler.model_copy(
+        update={"added_prompt": "other words", "guidance_scale": 2.0})})
+    second = SemanticStage(wild_prompt, cache_uri=str(tmp_path / "cache"))
+    out2 = second(dict(batch))
+    assert second._encoder is None, "every image hit the cache: SAM2 never loaded"
+    for a, b in zip(out1["tokens"], out2["tokens"]):
+        np.testing.assert_array_equal(a, b)
+    assert out2["prompt"][0].endswith("other words") and out1["prompt"][0] != out2["prompt"][0]
+    # another semantic model never reads these entries
+    other = SemanticStage(get_preset("tiny").model_copy(update={"dtype": "bf16"}), cache_uri=str(tmp_path / "cache"))
+    assert other.semantic_key() != first.semantic_key()

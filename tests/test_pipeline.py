@@ -67,8 +67,9 @@ def test_resume_skips_done_and_retries_the_rest(ray_local, tmp_path):
         rng_image(12 + k, 10, k).save(src / f"img{k}.png")
     (src / "broken.png").write_bytes(b"nope")
     dst = tmp_path / "out"
-    first = run_upscale(job(src, dst))
+    first = run_upscale(job(src, dst, cache_semantic=str(tmp_path / "sem")))
     assert first["by_status"] == {"ok": 4, "error": 1}
+    assert len(list((tmp_path / "sem").rglob("*.npz"))) == 4
     before = {p.name: p.stat().st_mtime_ns for p in dst.glob("*.png")}
 
     second = run_upscale(job(src, dst))
