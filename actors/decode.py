@@ -52,8 +52,8 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[
         raise DecodeError("not an image file: no known image format recognised in its bytes") from err
     except Image.DecompressionBombError as err:
         raise DecodeError(f"refused as a decompression bomb: {err}") from err
-    except (OSError, SyntaxError, ValueError) as err:
-        raise DecodeError(f"not a readable image: {err}") from err
+    except Exception as err:  # noqa: BLE001 - malformed files raise all sorts (struct.error, EOFError, ...)
+        raise DecodeError(f"not a readable image: {type(err).__name__}: {err}") from err
     return np.ascontiguousarray(rgb), notes
 
 

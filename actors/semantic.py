@@ -33,7 +33,8 @@ class SemanticStage:
         self.tagger = FixedTagger(tags)  # the RAM+DAPE tagger plugs in here
         self.storage = StorageConfig.model_validate(storage or {})
         self.cache = join(cache_uri, self.semantic_key()) if cache_uri else None
-        self._encoder = None
+        # Without a cache the encoder is needed at once: a bad checkpoint fails the actor, not every image.
+        self._encoder = None if self.cache else load_semantic_encoder(self.config, self.device)
 
     def semantic_key(self) -> str:
         """Identity of what produces tokens and tags: cached entries from other weights never match."""
@@ -52,17 +53,21 @@ class SemanticStage:
             return list(self.encoder.encode(images).to(torch.float16).cpu().numpy())
 
     def _cache_get(self, image_id: str):
-        fs, path = filesystem(join(self.cache, f"{image_id}.npz"), self.storage)
+        """Cached (tokens, tags), or None: a missing, unreadable or corrupt entry is just a miss."""
         try:
+            fs, path = filesystem(join(self.cache, f"{image_id}.npz"), self.storage)
             with np.load(io.BytesIO(fs.cat_file(path))) as data:
                 return data["tokens"], str(data["tags"])
-        except FileNotFoundError:
+        except Exception:  # noqa: BLE001 - the cache is an optimisation, never a failure
             return None
 
     def _cache_put(self, image_id: str, tokens: np.ndarray, tags: str) -> None:
-        buf = io.BytesIO()
-        np.savez(buf, tokens=tokens, tags=np.array(tags))
-        write_bytes_atomic(join(self.cache, f"{image_id}.npz"), buf.getvalue(), self.storage)
+        try:
+            buf = io.BytesIO()
+            np.savez(buf, tokens=tokens, tags=np.array(tags))
+            write_bytes_atomic(join(self.cache, f"{image_id}.npz"), buf.getvalue(), self.storage)
+        except Exception:  # noqa: BLE001 - a failed cache write costs a recompute later, nothing more
+            pass
 
     def __call__(self, batch: dict) -> dict:
         batch = ensure_status_columns(batch)

@@ -32,7 +32,8 @@ class SRStage:
     """batch: `image_id`, `image`, `tokens`, `prompt` -> adds `sr_image` and `seed`; drops `tokens`."""
 
     def __init__(self, config: dict | ModelConfig, device: str | None = None, base_seed: int = 0,
-                 cpu_threads: int | None = None):
+                 cpu_threads: int | None = None, max_output_pixels: int | None = None):
+        self.max_output_pixels = max_output_pixels
         self.config = ModelConfig.model_validate(config)
         self.device = pick_device(device)
         use_cpu_threads(self.device, cpu_threads)
@@ -49,7 +50,15 @@ class SRStage:
         seeds = [seed_for(str(i), self.base_seed) for i in batch["image_id"]]
         out = [EMPTY_IMAGE] * n
         with timed(batch, "sr"):
-            rows = ok_rows(batch)
+            rows = []
+            for i in ok_rows(batch):
+                h, w = np.asarray(batch["image"][i]).shape[:2]
+                out_w, out_h = self.upscaler.plan(w, h).out_size
+                if self.max_output_pixels and out_w * out_h > self.max_output_pixels:
+                    fail(batch, i, "sr", f"output would be {out_w}x{out_h} pixels, over max_output_pixels="
+                         f"{self.max_output_pixels}; raise it or downscale the input", "TooLarge")
+                else:
+                    rows.append(i)
             try:
                 results = self.upscaler.upscale([self._request(batch, i, seeds[i]) for i in rows])
             except Exception:  # noqa: BLE001 - isolate the image that fails; the others still finish

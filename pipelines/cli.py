@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+import yaml
 from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -64,7 +65,8 @@ def upscale(
     dtype: Optional[str] = typer.Option(None, help="fp32 | fp16 | bf16 (default: the preset's)"),
     fmt: Optional[str] = typer.Option(None, "--format", help="png | webp | jpeg"),
     endpoint_url: Optional[str] = typer.Option(None, help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)"),
-    limit: Optional[int] = typer.Option(None, min=1, help="process at most N images"),
+    limit: Optional[int] = typer.Option(None, min=1, help="process at most N images this run"),
+    relist: bool = typer.Option(False, "--relist", help="list SRC again instead of reusing the cached listing"),
     cache_semantic: Optional[str] = typer.Option(None, help="URI to keep SAM2 tokens per image for later runs"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list what would run and the resources, load no model"),
 ) -> None:
@@ -76,18 +78,21 @@ def upscale(
         raise typer.BadParameter(f"unknown preset {preset!r}; choose one of {', '.join(PRESET_NAMES)}")
     if dtype is not None and dtype not in DTYPES:
         raise typer.BadParameter(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    data = load_yaml(config) if config else {}
+    try:
+        data = load_yaml(config) if config else {}
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise typer.BadParameter(f"cannot read --config {config}: {err}") from err
     model = get_preset(preset, released_source(weights) if weights else None).model_dump(mode="json")
-    data["model"] = _merge(model, data.get("model", {}))
+    data["model"] = _merge(model, data.get("model") or {})
     overrides = {"src": src, "dst": dst, "address": address, "limit": limit, "format": fmt,
-                 "cache_semantic": cache_semantic}
+                 "cache_semantic": cache_semantic, "relist": relist or None}
     data.update({k: v for k, v in overrides.items() if v is not None})
     if scale is not None:
         data["model"]["sampler"]["upscale"] = scale
     if dtype is not None:
         data["model"]["dtype"] = dtype
     if endpoint_url is not None:
-        data.setdefault("storage", {})["endpoint_url"] = endpoint_url
+        data["storage"] = {**(data.get("storage") or {}), "endpoint_url": endpoint_url}
     try:
         job = UpscaleJob.model_validate(data)
     except ValidationError as err:
@@ -99,7 +104,7 @@ def upscale(
             print(json.dumps(plan_only(job), indent=2))
             return
         _run(job, dst)
-    except (FileNotFoundError, PermissionError, ValueError) as err:
+    except (OSError, ValueError, RuntimeError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from err
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -44,11 +45,20 @@ class UpscaleJob(BaseModel):
     quality: int = Field(95, ge=1, le=100)
     limit: int | None = Field(None, ge=1)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="larger inputs get an error row")
+    max_output_pixels: int = Field(
+        256_000_000, ge=1, description="images whose output would be larger get an error row (bounded memory)"
+    )
+    relist: bool = Field(False, description="list SRC again instead of reusing DST/_state/listing.parquet")
     base_seed: int = 0
     address: str | None = None
     cache_semantic: str | None = Field(
         None, description="URI where SAM2 tokens are kept per image; re-runs with other sampler settings reuse them"
     )
+    def params_hash(self) -> str:
+        """Every setting that changes an output file: the model's pixel settings, seed base, format."""
+        ident = f"{self.model.params_hash()}|{self.base_seed}|{self.format}|{self.quality}"
+        return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
     @field_validator("src", "dst", "cache_semantic")
     @classmethod
     def _absolute_local(cls, v: str | None) -> str | None:

@@ -29,7 +29,7 @@ def output_key(relative: str, ext: str) -> str:
         if part in ("", ".", "..", "/"):
             continue
         part = _UNSAFE.sub("_", part).strip("._") or "_"
-        parts.append(part[:200])
+        parts.append(part.encode("utf-8")[:200].decode("utf-8", "ignore"))  # file systems limit bytes
     if not parts:
         parts = ["_"]
     stem = PurePosixPath(parts[-1]).stem or "_"

@@ -142,3 +142,12 @@ def test_semantic_cache_skips_the_encoder_on_reuse(tiny_cache, tmp_path):
     # another semantic model never reads these entries
     other = SemanticStage(get_preset("tiny").model_copy(update={"dtype": "bf16"}), cache_uri=str(tmp_path / "cache"))
     assert other.semantic_key() != first.semantic_key()
+
+
+def test_sr_stage_refuses_outputs_over_the_pixel_limit(tiny_cache):
+    stage = SRStage(get_preset("tiny"), max_output_pixels=40 * 40)
+    tokens = np.zeros((256, 256), np.float16)
+    big = np.zeros((11, 11, 3), np.uint8)  # x4 -> 44x44 > 1600
+    out = stage({"image_id": ["x"], "image": [big], "tokens": [tokens], "prompt": ["p"],
+                 "error_type": [""], "error_message": [""], "stage": [""]})
+    assert out["error_type"][0] == "TooLarge" and "max_output_pixels" in out["error_message"][0]
