@@ -15,8 +15,8 @@ import torch
 
 from cluster.storage import StorageConfig, filesystem, join, write_bytes_atomic
 from srmodel.config import ModelConfig
-from srmodel.loader import load_semantic_encoder, resolve
-from srmodel.prompts import FixedTagger, build_prompt
+from srmodel.loader import load_semantic_encoder, load_tagger, resolve
+from srmodel.prompts import build_prompt
 
 from .batch import ensure_status_columns, fail, ok_rows, size, timed
 from .device import pick_device, use_cpu_threads
@@ -25,12 +25,12 @@ from .device import pick_device, use_cpu_threads
 class SemanticStage:
     """batch: `image` -> adds `tokens` ((N, 256) float16 per row) and `prompt`."""
 
-    def __init__(self, config: dict | ModelConfig, device: str | None = None, tags: str = "",
+    def __init__(self, config: dict | ModelConfig, device: str | None = None,
                  cpu_threads: int | None = None, cache_uri: str | None = None, storage: dict | None = None):
         self.config = resolve(ModelConfig.model_validate(config))
         self.device = pick_device(device)
         use_cpu_threads(self.device, cpu_threads)
-        self.tagger = FixedTagger(tags)  # the RAM+DAPE tagger plugs in here
+        self.tagger = load_tagger(self.config, self.device)
         self.storage = StorageConfig.model_validate(storage or {})
         self.cache = join(cache_uri, self.semantic_key()) if cache_uri else None
         # Without a cache the encoder is needed at once: a bad checkpoint fails the actor, not every image.
@@ -38,8 +38,9 @@ class SemanticStage:
 
     def semantic_key(self) -> str:
         """Identity of what produces tokens and tags: cached entries from other weights never match."""
-        src = self.config.source
-        ident = f"{src.revision}|{src.sam2_checkpoint}|{src.sam2_config}|{self.config.dtype}|{self.tagger.tags}"
+        src, s = self.config.source, self.config.sampler
+        tagger = f"fixed:{s.fixed_tags}" if s.prompt_source == "fixed" else f"ram:{src.ram}|{src.dape}|{src.ram_tag_list}"
+        ident = f"{src.revision}|{src.sam2_checkpoint}|{src.sam2_config}|{self.config.dtype}|{tagger}"
         return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
     @property
@@ -93,7 +94,16 @@ class SemanticStage:
                     except Exception as err:  # noqa: BLE001
                         fail(batch, i, "semantic", err)
                         encoded.append(None)
-            new_tags = self.tagger(images)
+            try:
+                new_tags = self.tagger(images)
+            except Exception:  # noqa: BLE001 - one image at a time, so only the one at fault loses its tags
+                new_tags = []
+                for i, im in zip(todo, images):
+                    try:
+                        new_tags.append(self.tagger([im])[0])
+                    except Exception as err:  # noqa: BLE001
+                        fail(batch, i, "semantic", err)
+                        new_tags.append("")
             for k, i in enumerate(todo):
                 if encoded[k] is not None:
                     tokens[i], tags[i] = encoded[k], new_tags[k]
@@ -104,6 +114,8 @@ class SemanticStage:
         empty = np.zeros(shape or (1, 256), np.float16)
         batch.update(
             tokens=[t if t is not None else empty for t in tokens],
-            prompt=[build_prompt(tags[i], s.user_prompt, s.added_prompt) if tokens[i] is not None else "" for i in range(n)],
+            prompt=[build_prompt(tags[i], s.user_prompt, s.added_prompt, added_first=s.added_prompt_first)
+                    if tokens[i] is not None else "" for i in range(n)],
+            tags=tags,
         )
         return batch

@@ -23,10 +23,13 @@ console = Console(stderr=True)
 
 def released_source(weights: Path) -> ModelSource:
     """The README's layout: WEIGHTS/{stable-diffusion-2-base, checkpoint-90000, sam2.1_hiera_tiny.pt}."""
+    ram, dape = weights / "ram_swin_large_14m.pth", weights / "DAPE.pth"
     src = ModelSource(
         sd_base=str(weights / "stable-diffusion-2-base"),
         seesr=str(weights / "checkpoint-90000"),
         sam2_checkpoint=str(weights / "sam2.1_hiera_tiny.pt"),
+        ram=str(ram) if ram.exists() else None,
+        dape=str(dape) if dape.exists() else None,
     )
     for path in (src.sd_base, src.seesr, src.sam2_checkpoint):
         if not Path(path).exists():
@@ -68,6 +71,9 @@ def upscale(
     limit: Optional[int] = typer.Option(None, min=1, help="process at most N images this run"),
     relist: bool = typer.Option(False, "--relist", help="list SRC again instead of reusing the cached listing"),
     cache_semantic: Optional[str] = typer.Option(None, help="URI to keep SAM2 tokens per image for later runs"),
+    prompt_source: Optional[str] = typer.Option(None, help="tagger (RAM+DAPE tags per image) | fixed (--tags for all)"),
+    tags: Optional[str] = typer.Option(None, help="the tags used with --prompt-source fixed"),
+    prompt: Optional[str] = typer.Option(None, help="user text inserted after the tags, as released"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list what would run and the resources, load no model"),
 ) -> None:
     """Super-resolve every image under SRC into DST, with a Parquet manifest; re-running resumes."""
@@ -91,6 +97,14 @@ def upscale(
         data["model"]["sampler"]["upscale"] = scale
     if dtype is not None:
         data["model"]["dtype"] = dtype
+    if prompt_source is not None:
+        if prompt_source not in ("tagger", "fixed"):
+            raise typer.BadParameter(f"--prompt-source must be tagger or fixed, not {prompt_source!r}")
+        data["model"]["sampler"]["prompt_source"] = prompt_source
+    if tags is not None:
+        data["model"]["sampler"]["fixed_tags"] = tags
+    if prompt is not None:
+        data["model"]["sampler"]["user_prompt"] = prompt
     if endpoint_url is not None:
         data["storage"] = {**(data.get("storage") or {}), "endpoint_url": endpoint_url}
     try:

@@ -31,6 +31,7 @@ SCHEMA = pa.schema(
         ("dst_width", pa.int32()),
         ("dst_height", pa.int32()),
         ("prompt", pa.string()),
+        ("tags", pa.string()),  # the tagger's tags (RAM+DAPE), or the fixed tags
         ("notes", pa.string()),  # decode facts: source mode, alpha handling, frames used
         ("seed", pa.int64()),
         ("params_hash", pa.string()),
@@ -81,6 +82,7 @@ def rows_from_batch(batch: dict, *, params_hash: str, model_id: str, node_id: st
                 dst_width=int(col("dst_width", 0)[i]) or None,
                 dst_height=int(col("dst_height", 0)[i]) or None,
                 prompt=str(col("prompt", "")[i]) or None,
+                tags=str(col("tags", "")[i]) if "tags" in batch and not err else None,
                 notes=str(col("decode_notes", "")[i]) or None,
                 seed=int(col("seed", 0)[i]) if "seed" in batch else None,
                 params_hash=params_hash,

@@ -180,8 +180,14 @@ def run_upscale(job: UpscaleJob, *, on_plan=None, on_rows=None, num_cpus: int | 
 def check_source(job: UpscaleJob) -> None:
     # Actors resolve the model themselves (the tiny preset is built on each node), so `job` keeps it as given.
     src = resolve(job.model).source
-    for what, path in (("stable-diffusion-2-base folder", src.sd_base), ("SeeSR checkpoint folder", src.seesr),
-                       ("SAM2 checkpoint", src.sam2_checkpoint)):
+    parts = [("stable-diffusion-2-base folder", src.sd_base), ("SeeSR checkpoint folder", src.seesr),
+             ("SAM2 checkpoint", src.sam2_checkpoint)]
+    if job.model.sampler.prompt_source == "tagger":
+        if not src.ram:
+            raise FileNotFoundError("prompt_source=tagger needs ram_swin_large_14m.pth (and DAPE.pth) in the model "
+                                    "source; put them beside the other weights or use --prompt-source fixed")
+        parts += [("RAM checkpoint", src.ram)] + ([("DAPE LoRA", src.dape)] if src.dape else [])
+    for what, path in parts:
         if not is_remote(path) and not os.path.exists(path):
             raise FileNotFoundError(f"{what} {path} does not exist (model source of preset {job.model.name!r})")
 

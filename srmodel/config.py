@@ -28,6 +28,9 @@ class ModelSource(Strict):
     sam2_config: str = "configs/sam2.1/sam2.1_hiera_t.yaml"
     ram: str | None = Field(None, description="ram_swin_large_14m.pth (tagger)")
     dape: str | None = Field(None, description="DAPE.pth (tagger LoRA)")
+    ram_config: Literal["swin_l", "tiny"] = Field("swin_l", description="tagger architecture (tiny: tests only)")
+    ram_tag_list: str | None = Field(None, description="default: the shipped ram_tag_list.txt")
+    ram_thresholds: str | None = Field(None, description="default: the shipped ram_tag_list_threshold.txt")
     revision: str = Field("checkpoint-90000", description="recorded in outputs; part of the params hash")
 
 
@@ -37,6 +40,13 @@ class SamplerConfig(Strict):
     guidance_scale: float = 8.5
     user_prompt: str = ""
     added_prompt: str = WILD_ADDED_PROMPT
+    added_prompt_first: bool = Field(
+        False, description="put the added prompt before the tags so 77-token truncation cannot drop it (not as released)"
+    )
+    prompt_source: Literal["tagger", "fixed"] = Field(
+        "tagger", description="tagger: RAM+DAPE tags per image; fixed: `fixed_tags` for every image (no RAM weights)"
+    )
+    fixed_tags: str = ""
     negative_prompt: str = NEGATIVE_PROMPT
     start_point: Literal["noise", "lr"] = "noise"
     start_steps: int = Field(999, ge=0, le=999, description="timestep the LR latent is noised to (start_point=lr)")

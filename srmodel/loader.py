@@ -38,3 +38,25 @@ def load_upscaler(config: ModelConfig, device="cpu") -> "SemanticUpscaler":
     from .upscaler import SemanticUpscaler
 
     return SemanticUpscaler.from_config(resolve(config), device=device)
+
+
+def load_tagger(config: ModelConfig, device="cpu"):
+    """The prompt's tag source: RAM + DAPE (fp32, as released) or a fixed string."""
+    from .prompts import FixedTagger
+
+    config = resolve(config)
+    s, src = config.sampler, config.source
+    if s.prompt_source == "fixed":
+        return FixedTagger(s.fixed_tags)
+    if not src.ram:
+        raise ValueError(
+            "prompt_source=tagger needs the RAM weights (ram_swin_large_14m.pth, DAPE.pth in the model source); "
+            "or use prompt_source=fixed"
+        )
+    from .ram import TINY_RAM_CONFIG, RAMConfig, load_tagger as load_ram
+    from .ram.model import TAG_LIST, THRESHOLDS
+
+    return load_ram(
+        src.ram, src.dape, config=TINY_RAM_CONFIG if src.ram_config == "tiny" else RAMConfig(),
+        tag_list=src.ram_tag_list or TAG_LIST, thresholds=src.ram_thresholds or THRESHOLDS, device=device,
+    )

@@ -10,12 +10,14 @@ import numpy as np
 Tagger = Callable[[Sequence[np.ndarray]], list[str]]
 
 
-def build_prompt(tags: str, user_prompt: str = "", added_prompt: str = "") -> str:
+def build_prompt(tags: str, user_prompt: str = "", added_prompt: str = "", *, added_first: bool = False) -> str:
     """The released prompt string, spacing quirks included: f"{tags}, {prompt}," + added_prompt.
 
     e.g. tags "dog, grass", no user prompt, the wild added prompt ->
     "dog, grass, ,clean, high-resolution, 8k, ultra-detailed, ultra-realistic".
     """
+    if added_first:  # an option, not the release: keeps the quality words inside CLIP's 77 tokens
+        return f"{added_prompt}, {tags}, {user_prompt},"
     return f"{tags}, {user_prompt}," + added_prompt
 
 

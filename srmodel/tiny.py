@@ -16,7 +16,7 @@ import torch
 
 from .config import ModelSource
 
-TINY_VERSION = "tiny-v1"
+TINY_VERSION = "tiny-v2"
 TEXT_DIM = 32
 
 # SD-2 layout (3 cross-attention levels + 1 plain, linear projections, 1:..:4:4 heads), shrunk.
@@ -49,6 +49,11 @@ def tiny_source(folder: Path) -> ModelSource:
         seesr=str(folder / "checkpoint-tiny"),
         sam2_checkpoint=str(folder / "sam2.1_hiera_tiny.pt"),
         sam2_config=str(folder / "sam2.1_hiera_tiny_test.yaml"),
+        ram=str(folder / "ram_swin_large_14m.pth"),
+        dape=str(folder / "DAPE.pth"),
+        ram_config="tiny",
+        ram_tag_list=str(folder / "ram_tag_list.txt"),
+        ram_thresholds=str(folder / "ram_tag_list_threshold.txt"),
         revision=TINY_VERSION,
     )
 
@@ -128,6 +133,27 @@ def _write_tiny(folder: Path) -> None:
     encoder = SemanticEncoder.from_config(TINY_TEST_CONFIG)
     save_sam2_checkpoint(encoder, folder / "sam2.1_hiera_tiny.pt")
     shutil.copy(TINY_TEST_CONFIG, folder / "sam2.1_hiera_tiny_test.yaml")
+    _write_tiny_tagger(folder, gen)
+
+
+TINY_TAGS = ["dog", "grass", "sky", "building", "person", "car", "tree"]
+
+
+def _write_tiny_tagger(folder: Path, gen: torch.Generator) -> None:
+    """A 7-class RAM with DAPE, saved like the real files (junk keys included) so the real loader runs."""
+    from .ram import TINY_RAM_CONFIG, RAMTagger
+    from .ram.export import save_dape, save_ram_checkpoint
+
+    (folder / "ram_tag_list.txt").write_text("\n".join(TINY_TAGS))
+    thresholds = torch.linspace(0.3, 0.7, len(TINY_TAGS))  # low: random weights still fire some tags
+    (folder / "ram_tag_list_threshold.txt").write_text("".join(f"{t:.2f}\n" for t in thresholds.tolist()))
+    model = RAMTagger(TINY_RAM_CONFIG, TINY_TAGS, thresholds)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            is_norm_gain = name.endswith("weight") and ("norm" in name or "LayerNorm" in name)
+            p.copy_(0.2 * torch.randn(p.shape, generator=gen) + (1.0 if is_norm_gain else 0.0))
+    save_ram_checkpoint(model, folder / "ram_swin_large_14m.pth")
+    save_dape(model, folder / "DAPE.pth", gen)
 
 
 def ensure_tiny_model(cache_dir: str | Path | None = None) -> ModelSource:
