@@ -151,3 +151,25 @@ def test_sr_stage_refuses_outputs_over_the_pixel_limit(tiny_cache):
     out = stage({"image_id": ["x"], "image": [big], "tokens": [tokens], "prompt": ["p"],
                  "error_type": [""], "error_message": [""], "stage": [""]})
     assert out["error_type"][0] == "TooLarge" and "max_output_pixels" in out["error_message"][0]
+
+
+def test_semantic_stage_prompt_sources(tiny_cache):
+    from actors.semantic import SemanticStage
+
+    tiny = get_preset("tiny")
+    images = [np.random.default_rng(k).integers(0, 256, (30, 20, 3), dtype=np.uint8) for k in range(2)]
+    batch = {"image_id": ["a", "b"], "image": images}
+    tagged = SemanticStage(tiny)(dict(batch))
+    assert all(p == f"{t}, ," + tiny.sampler.added_prompt for p, t in zip(tagged["prompt"], tagged["tags"]))
+    fixed = tiny.model_copy(update={"sampler": tiny.sampler.model_copy(
+        update={"prompt_source": "fixed", "fixed_tags": "cat, sofa", "user_prompt": "a photo", "added_prompt_first": True})})
+    out = SemanticStage(fixed)(dict(batch))
+    assert out["prompt"] == [tiny.sampler.added_prompt + ", cat, sofa, a photo,"] * 2 and out["tags"] == ["cat, sofa"] * 2
+
+
+def test_tagger_source_without_ram_weights_is_a_clear_error(tiny_model):
+    from srmodel.loader import load_tagger
+
+    cfg = get_preset("tiny", tiny_model.model_copy(update={"ram": None}))
+    with pytest.raises(ValueError, match="prompt_source=fixed"):
+        load_tagger(cfg)

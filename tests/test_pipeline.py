@@ -48,11 +48,14 @@ def test_every_bad_and_unusual_input_in_one_run(ray_local, tmp_path, scale):
             assert out.size == (w * scale, h * scale) == (row["dst_width"], row["dst_height"]), name
             assert row["src_width"] == w and row["src_height"] == h
             assert row["seed"] is not None and row["prompt"].endswith("ultra-realistic")
+            # per-image prompts from the (tiny) RAM+DAPE tagger, built as released
+            assert row["tags"] is not None and row["prompt"] == f"{row['tags']}, ," + get_preset("tiny").sampler.added_prompt
     assert "first of 3" in rows["anim.gif"]["notes"] and "alpha" in rows["rgba.png"]["notes"]
     # odd names are sanitised and stay inside DST
     written = [p for p in dst.rglob("*") if p.is_file() and "_manifest" not in p.parts and "_state" not in p.parts]
     assert all(dst in p.parents for p in written)
     assert summary["by_status"] == {"ok": 12, "error": 5}
+    assert len({r["tags"] for r in rows.values() if r["status"] == "ok"}) > 1, "tags differ between images"
     assert summary["by_error_type"] == {"DecodeError": 5}
     assert json.loads((dst / "_manifest" / "summary.json").read_text())["by_status"] == summary["by_status"]
     # readable as it is, with the documented schema

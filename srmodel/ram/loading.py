@@ -7,6 +7,7 @@ by name, and a LoRA B without its A is an error.
 
 from __future__ import annotations
 
+import logging
 import re
 import warnings
 from collections import Counter
@@ -16,6 +17,8 @@ import torch
 
 from ..errors import WeightsError, describe_key_problems
 from .model import TAG_LIST, THRESHOLDS, RAMConfig, RAMTagger, read_tag_list, read_thresholds
+
+log = logging.getLogger(__name__)
 
 # Keys of the real RAM checkpoint that the tagger does not use (recomputed buffers, Tag2Text parts).
 IGNORED_RAM = (
@@ -102,6 +105,8 @@ def merge_dape(sd: dict, path: str | Path, r_expected: int | None = None) -> dic
         if "lora_B" not in ab:  # B missing: a zero delta
             continue
         a, b = ab["lora_A"], ab["lora_B"]
+        if (SWIN_LORA.match(prefix) or HEAD_LORA.match(prefix)) and prefix + ".weight" not in sd:
+            raise WeightsError(f"{path}: LoRA for {prefix} has no matching weight in the tagger; wrong DAPE file?")
         if SWIN_LORA.match(prefix):
             w = sd[prefix + ".weight"]
             c = w.shape[1]
@@ -131,6 +136,8 @@ def merge_dape(sd: dict, path: str | Path, r_expected: int | None = None) -> dic
             warnings.warn(f"{path}: LoRA for {prefix!r} has no place in the tagger; ignored")
         if r_expected is not None and (SWIN_LORA.match(prefix) or HEAD_LORA.match(prefix)) and r != r_expected:
             raise WeightsError(f"{path}: LoRA rank {r} for {prefix}, expected {r_expected}")
+    if not inventory.get("tagging_head"):
+        warnings.warn(f"{path}: no tagging-head LoRA found; only the image encoder is adapted")
     return dict(inventory)
 
 
@@ -149,10 +156,14 @@ def load_tagger(
     tags, thr = read_tag_list(tag_list), read_thresholds(thresholds)
     with torch.device("meta"):
         model = RAMTagger(config, tags, thr, antialias=antialias)
-    sd, _ = ram_state_dict(ram_path, model)
+    sd, ignored = ram_state_dict(ram_path, model)
+    log.info("RAM %s: %d tensors used, ignored by rule: %s", ram_path, len(sd), ignored)
     if dape_path is not None:
-        merge_dape(sd, dape_path, r_expected=config.lora_r)
+        inventory = merge_dape(sd, dape_path, r_expected=config.lora_r)
+        log.info("DAPE %s merged: %s", dape_path, inventory)
     model = RAMTagger(config, tags, thr, antialias=antialias)
     model.load_state_dict(sd, strict=True)
     model.refresh_label_queries()
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    model.thresholds = thr.float().to(device)  # compared in fp32 whatever the model dtype (0.65 is not fp16-exact)
+    return model
