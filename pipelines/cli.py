@@ -144,6 +144,43 @@ def _run(job, dst: str) -> None:
         console.print(f"[yellow]{summary['by_status']['error']} image(s) failed: see {dst}/_manifest[/yellow]")
 
 
+@app.command("build-trainset")
+def build_trainset(
+    src: str = typer.Argument(..., help="HR images: folder or s3://bucket/prefix (LSDIR layout or any tree)"),
+    dst: str = typer.Argument(..., help="where the Parquet shards, _manifest/ and dataset_card.json go"),
+    pairs: Optional[str] = typer.Option(None, help="official paired set: a folder with hr/ and lr/ (same names)"),
+    preset: str = typer.Option("paper", help="degradation preset: paper | realesrgan | ugc"),
+    seed: int = typer.Option(0, help="the same seed gives byte-identical pairs on any cluster size"),
+    crop: int = typer.Option(512, help="GT crop size (LR is crop / scale)"),
+    config: Optional[Path] = typer.Option(None, "--config", help="job YAML (TrainsetJob fields)"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address; default: an embedded local Ray"),
+    endpoint_url: Optional[str] = typer.Option(None, help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)"),
+    limit: Optional[int] = typer.Option(None, min=1, help="at most N crops"),
+) -> None:
+    """Build the degraded training mix as Parquet shards (gt_png, lr_png, prompt, source, degradation, seed)."""
+    from pipelines.build_trainset import TrainsetJob, run_build_trainset
+    from pipelines.job import load_yaml
+
+    try:
+        data = load_yaml(config) if config else {}
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise typer.BadParameter(f"cannot read --config {config}: {err}") from err
+    data.update({k: v for k, v in {"src": src, "dst": dst, "pairs": pairs, "preset": preset, "seed": seed,
+                                   "crop": crop, "address": address, "limit": limit}.items() if v is not None})
+    if endpoint_url is not None:
+        data["storage"] = {**(data.get("storage") or {}), "endpoint_url": endpoint_url}
+    try:
+        job = TrainsetJob.model_validate(data)
+        summary = run_build_trainset(job)
+    except ValidationError as err:
+        console.print(f"[red]invalid settings:[/red]\n{err}")
+        raise typer.Exit(2) from err
+    except (OSError, ValueError, RuntimeError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from err
+    print(json.dumps(summary, indent=2))
+
+
 def run() -> None:  # pragma: no cover - console entry for `python -m pipelines.cli`
     app(prog_name="ugcsr")
 
