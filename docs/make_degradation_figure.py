@@ -50,6 +50,8 @@ def main() -> None:
     panels.append((f"paper degrade x4 (seed {seed})", lr))
     _, lr, seed = find_branch(PRESETS["realesrgan"], gt, "degrade")
     panels.append((f"realesrgan x4 (seed {seed})", lr))
+    _, lr, seed = find_branch(PRESETS["ugc"], gt, "degrade")
+    panels.append((f"ugc x4 (seed {seed})", lr))
     tile = 256
     canvas = Image.new("RGB", (tile * len(panels), tile + 24), "white")
     draw = ImageDraw.Draw(canvas)

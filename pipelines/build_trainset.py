@@ -60,6 +60,10 @@ class TrainsetJob(BaseModel):
     limit: int | None = Field(None, ge=1)
     storage: StorageConfig = StorageConfig()
     address: str | None = None
+    ram: str | None = Field(None, description="ram_swin_large_14m.pth: tag each GT crop for its prompt (as released)")
+    ram_config: str = Field("swin_l", pattern="^(swin_l|tiny)$")
+    ram_tag_list: str | None = None
+    ram_thresholds: str | None = None
 
     @field_validator("src", "dst", "pairs")
     @classmethod
@@ -148,6 +152,23 @@ def _crop(gt: torch.Tensor, size: int, scale: int, rng: np.random.Generator):
     return gt[:, y : y + size, x : x + size], (x, y, flip)
 
 
+_TAGGERS: dict = {}
+
+
+def _tagger(job: TrainsetJob):
+    """Plain RAM (no DAPE) on the GT, as the release captioned its training data; one per worker process."""
+    if job.ram is None:
+        return None
+    key = (job.ram, job.ram_config, job.ram_tag_list, job.ram_thresholds)
+    if key not in _TAGGERS:
+        from srmodel.ram import TINY_RAM_CONFIG, RAMConfig, load_tagger
+        from srmodel.ram.model import TAG_LIST, THRESHOLDS
+
+        _TAGGERS[key] = load_tagger(job.ram, None, config=TINY_RAM_CONFIG if job.ram_config == "tiny" else RAMConfig(),
+                                    tag_list=job.ram_tag_list or TAG_LIST, thresholds=job.ram_thresholds or THRESHOLDS)
+    return _TAGGERS[key]
+
+
 def build_shard(batch: dict, job: dict) -> dict:
     from srmodel.degrade import degrade_group, get_degrade_preset
     from srmodel.degrade.ops import resize, usm_sharpen
@@ -208,7 +229,7 @@ def build_shard(batch: dict, job: dict) -> dict:
                 out_lr, params = lr_official, {"branch": "official", "seed": seed}
             else:
                 tgt, out_lr, params = outputs[id(it)]
-            rows.append({"unit_id": u["unit_id"], "gt_png": _png(tgt), "lr_png": _png(out_lr), "prompt": "",
+            rows.append({"unit_id": u["unit_id"], "gt_png": _png(tgt), "lr_png": _png(out_lr), "prompt": _prompt(job, gt),
                          "source": u["source"], "degradation": json.dumps({**params, **crop_info}, sort_keys=True),
                          "seed": seed, "src_uri": u["src_uri"]})
             manifest.append({**record, "status": "ok", "error_type": None, "error_message": None})
@@ -217,6 +238,14 @@ def build_shard(batch: dict, job: dict) -> dict:
     _write_table(pa.Table.from_pylist(manifest, schema=MANIFEST_SCHEMA), manifest_path(job, shard), job.storage)
     status = Counter(m["status"] for m in manifest)
     return {"shard": [shard], "ok": [status["ok"]], "error": [status["error"]], "skipped": [status["skipped"]]}
+
+
+def _prompt(job: TrainsetJob, gt: torch.Tensor) -> str:
+    tagger = _tagger(job)
+    if tagger is None:
+        return ""
+    rgb = (gt.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return tagger([rgb])[0] + ","  # stored as "<tags>," like the release's tag/*.txt
 
 
 def _write_table(table: pa.Table, uri: str, storage: StorageConfig) -> None:

@@ -112,3 +112,13 @@ def test_bad_settings(tmp_path):
         run_build_trainset(job(tmp_path, tmp_path / "o", preset="nope"))
     with pytest.raises(FileNotFoundError):
         run_build_trainset(job(tmp_path / "missing", tmp_path / "o"))
+
+
+def test_prompts_from_a_configured_tagger(ray_local, tmp_path, tiny_model):
+    src = make_hr(tmp_path / "hr", n=3)
+    dst = tmp_path / "out"
+    run_build_trainset(job(src, dst, ram=tiny_model.ram, ram_config="tiny", ram_tag_list=tiny_model.ram_tag_list,
+                           ram_thresholds=tiny_model.ram_thresholds))
+    rows = [r for t in shard_bytes(dst).values() for r in t]
+    assert len(rows) == 3 and all(r["prompt"].endswith(",") for r in rows)
+    assert any(len(r["prompt"]) > 1 for r in rows)

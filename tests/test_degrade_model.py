@@ -96,3 +96,12 @@ def test_bad_arguments():
         get_degrade_preset("nope")
     with pytest.raises(ValueError, match="multiple of the scale"):
         degrade_group(gt(1, 30), PRESETS["paper"], 0)
+
+
+def test_ugc_preset_adds_recorded_ugc_artefacts():
+    ugc = PRESETS["ugc"]
+    _, lr, params = degrade_group(gt(2, 64), ugc, 3)
+    assert all("ugc" in p for p in params) and lr.shape == (2, 3, 16, 16)
+    json.dumps(params)
+    _, lr_plain, _ = degrade_group(gt(2, 64), PRESETS["realesrgan"], 3)
+    assert not torch.equal(lr, lr_plain) or all(not p["ugc"]["ops"] for p in params)

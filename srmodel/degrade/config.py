@@ -43,6 +43,32 @@ class StageConfig(Strict):
     jpeg_range: tuple[int, int] = (30, 95)
 
 
+class UGCConfig(Strict):
+    """Extra LR degradations of short-form UGC video (`srmodel.degrade.ugc.apply_ugc`), each op with its own chance."""
+
+    video_codec_prob: float = Field(0.5, ge=0, le=1, description="real H.264 (libx264) round trip")
+    crf_range: tuple[int, int] = (23, 40)
+    x264_presets: tuple[str, ...] = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium")
+    chroma_prob: float = Field(0.3, ge=0, le=1, description="YCbCr chroma subsampling without a codec")
+    chroma_factors: tuple[int, ...] = (2, 4)
+    chroma_factor_prob: tuple[float, ...] = (0.75, 0.25)
+    rescale_chain_prob: float = Field(0.3, ge=0, le=1, description="repeated down/up transcoding resizes")
+    rescale_steps: tuple[int, int] = (2, 3)
+    rescale_range: tuple[float, float] = (0.5, 1.0)
+    rescale_modes: tuple[str, ...] = ("area", "bilinear", "bicubic")
+    oversharpen_prob: float = Field(0.2, ge=0, le=1, description="strong unsharp mask with halos")
+    oversharpen_amount: tuple[float, float] = (1.0, 3.0)
+    oversharpen_radius: tuple[float, float] = Field((0.5, 2.0), description="Gaussian sigma in LR pixels")
+    overlay_text_prob: float = Field(0.1, ge=0, le=1, description="LR-only caption/watermark (pair flagged)")
+    text_length: tuple[int, int] = (3, 12)
+    text_size: tuple[int, int] = Field((8, 20), description="text height in LR pixels")
+    text_opacity: tuple[float, float] = (0.6, 1.0)
+    brightness_contrast_prob: float = Field(0.3, ge=0, le=1, description="auto-exposure / filter tone shifts")
+    brightness_range: tuple[float, float] = (-0.1, 0.1)
+    contrast_range: tuple[float, float] = (0.8, 1.2)
+    gamma_range: tuple[float, float] = Field((0.8, 1.25), description="sampled log-uniformly")
+
+
 class DegradeConfig(Strict):
     name: str
     scale: int = Field(4, ge=1)
@@ -58,6 +84,7 @@ class DegradeConfig(Strict):
     resize_modes: tuple[str, ...] = ("area", "bilinear", "bicubic")
     choice_group: int = Field(1, ge=1, description="images sharing the branch/resize/noise-type draws (paper: 10)")
     usm_target: bool = Field(True, description="the GT target is USM-sharpened (radius 50, weight 0.5, threshold 10)")
+    ugc: UGCConfig | None = Field(None, description="extra UGC degradations of the LR (None: off)")
 
 
 LIGHT = StageConfig(
@@ -82,6 +109,8 @@ PRESETS = {
         second_blur_prob=0.5,
     ),
 }
+
+PRESETS["ugc"] = PRESETS["realesrgan"].model_copy(update={"name": "ugc", "ugc": UGCConfig()})
 
 
 def get_degrade_preset(name: str) -> DegradeConfig:

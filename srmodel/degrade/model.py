@@ -13,6 +13,7 @@ import torch
 
 from .config import DegradeConfig, StageConfig
 from .kernels import sample_blur_kernel, sample_final_sinc
+from .ugc import apply_ugc
 from .ops import filter2d, gaussian_noise, jpeg, poisson_noise, resize, usm_sharpen
 
 RESIZE_TYPES = ("up", "down", "keep")
@@ -92,5 +93,9 @@ def degrade_group(gt: torch.Tensor, config: DegradeConfig, seed: int) -> tuple[t
                 final_order="resize-sinc-jpeg" if sinc_first else "jpeg-resize-sinc", final_resize_mode=final_mode,
                 final_sinc=sinc[i][1], jpeg2=q2[i],
             )
+    if config.ugc is not None:  # UGC artefacts on top of the chain; the group's last draws
+        lr, ugc = apply_ugc(lr, rng, config.ugc)
+        for p, u in zip(params, ugc):
+            p["ugc"] = u
     lr = (lr.clamp(0, 1) * 255).round() / 255  # saved as 8-bit PNG
     return target.clamp(0, 1), lr, params
