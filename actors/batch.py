@@ -47,3 +47,20 @@ def timed(batch: dict, name: str):
     yield
     per_row = (time.perf_counter() - t0) * 1000 / max(1, size(batch))
     batch[f"t_{name}_ms"] = np.full(size(batch), per_row)
+
+
+def batch_or_each(fn, items: list, rows: list[int], batch: dict, stage: str) -> list:
+    """fn(items) as one batch; if that raises, item by item so only the item at fault fails (None)."""
+    if not items:
+        return []
+    try:
+        return list(fn(items))
+    except Exception:  # noqa: BLE001 - isolate the culprit below
+        out = []
+        for i, item in zip(rows, items):
+            try:
+                out.append(fn([item])[0])
+            except Exception as err:  # noqa: BLE001 - this row's error record
+                fail(batch, i, stage, err)
+                out.append(None)
+        return out

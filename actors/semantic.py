@@ -18,7 +18,7 @@ from srmodel.config import ModelConfig
 from srmodel.loader import load_semantic_encoder, load_tagger, resolve
 from srmodel.prompts import build_prompt
 
-from .batch import ensure_status_columns, fail, ok_rows, size, timed
+from .batch import batch_or_each, ensure_status_columns, ok_rows, size, timed
 from .device import pick_device, use_cpu_threads
 
 
@@ -84,28 +84,10 @@ class SemanticStage:
                 else:
                     tokens[i], tags[i] = hit
             images = [batch["image"][i] for i in todo]
-            try:
-                encoded = self._encode(images) if todo else []
-            except Exception:  # noqa: BLE001 - retry one by one so one bad image fails alone
-                encoded = []
-                for i, im in zip(todo, images):
-                    try:
-                        encoded.append(self._encode([im])[0])
-                    except Exception as err:  # noqa: BLE001
-                        fail(batch, i, "semantic", err)
-                        encoded.append(None)
-            try:
-                new_tags = self.tagger(images)
-            except Exception:  # noqa: BLE001 - one image at a time, so only the one at fault loses its tags
-                new_tags = []
-                for i, im in zip(todo, images):
-                    try:
-                        new_tags.append(self.tagger([im])[0])
-                    except Exception as err:  # noqa: BLE001
-                        fail(batch, i, "semantic", err)
-                        new_tags.append("")
+            encoded = batch_or_each(self._encode, images, todo, batch, "semantic")
+            new_tags = batch_or_each(self.tagger, images, todo, batch, "semantic")
             for k, i in enumerate(todo):
-                if encoded[k] is not None:
+                if encoded[k] is not None and new_tags[k] is not None:
                     tokens[i], tags[i] = encoded[k], new_tags[k]
                     if self.cache:
                         self._cache_put(str(batch["image_id"][i]), encoded[k], new_tags[k])

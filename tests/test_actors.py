@@ -173,3 +173,22 @@ def test_tagger_source_without_ram_weights_is_a_clear_error(tiny_model):
     cfg = get_preset("tiny", tiny_model.model_copy(update={"ram": None}))
     with pytest.raises(ValueError, match="prompt_source=fixed"):
         load_tagger(cfg)
+
+
+def test_semantic_stage_isolates_an_image_the_tagger_fails_on(tiny_cache):
+    from actors.semantic import SemanticStage
+
+    stage = SemanticStage(get_preset("tiny"))
+    real = stage.tagger
+
+    def tagger(images):
+        if any(im.shape == (9, 9, 3) for im in images):
+            raise RuntimeError("tagger broke")
+        return real(images)
+
+    stage.tagger = tagger
+    good = np.zeros((12, 10, 3), np.uint8)
+    bad = np.zeros((9, 9, 3), np.uint8)
+    out = stage({"image_id": ["g", "b"], "image": [good, bad]})
+    assert not out["error_type"][0] and out["prompt"][0]
+    assert out["error_type"][1] == "RuntimeError" and out["stage"][1] == "semantic" and out["prompt"][1] == ""
