@@ -69,6 +69,9 @@ class UpscaleJob(BaseModel):
             v = v[len("file://"):]
         return v if is_remote(v) else os.path.abspath(os.path.expanduser(v))
 
+    actor_start_timeout_s: float = Field(
+        900, gt=0, description="fail with a clear error when the actor pools cannot start (e.g. no GPU fits)"
+    )
     manifest_flush_s: float = Field(5.0, ge=0, description="longest wait before buffered manifest rows are written")
 
 

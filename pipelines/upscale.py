@@ -154,7 +154,9 @@ def run_upscale(job: UpscaleJob, *, on_plan=None, on_rows=None, num_cpus: int | 
     ray_runtime.connect(job.address, num_cpus=num_cpus)
     import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = False  # the CLI draws its own
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the CLI draws its own
+    ctx.wait_for_min_actors_s = int(job.actor_start_timeout_s)  # never hang silently on unschedulable actors
     plan.pools = plan_pools(job, ray_runtime.cluster_gpus())
     if on_plan:
         on_plan(plan)
