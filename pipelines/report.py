@@ -163,7 +163,7 @@ def _counts_section(page: _Page, rows: list[dict], latest: list[dict]) -> None:
     table = _table(["status", "images (latest row each)", "manifest rows (all runs)"],
                    [[s, now.get(s, 0), every.get(s, 0)] for s in statuses] + [["total", len(latest), len(rows)]],
                    "counts")
-    page.add("Counts by status", f'<div id="counts">{table}</div>', "counts")
+    page.add("Counts by status", table, "counts")
 
 
 def _timing_sections(page: _Page, rows: list[dict]) -> None:
@@ -251,7 +251,8 @@ def _eval_section(page: _Page, ev: dict) -> None:
             f"<code>{_e(s.get('gt'))}</code>. {_e(s.get('protocol', {}).get('psnr_ssim', ''))}</p>",
             _table(["metric", "mean", "missing because"],
                    [[m, means.get(m), s.get("missing", {}).get(m)] for m in means], "eval"),
-            _table(["count", "value"], [[k, v] for k, v in s.get("counts", {}).items()]),
+            _table(["count", "value"], [[k, v] for k, v in s.get("counts", {}).items()]
+                   + [[f"errors: {k}", v] for k, v in s.get("by_error_type", {}).items()]),
             f"<p>Challenge Score: <b>{_e(_fmt(s.get('score')))}</b> <span class=muted>{_e(s.get('score_note', ''))}</span></p>"]
     comp = s.get("comparison")
     if comp:
