@@ -50,7 +50,7 @@ class MetricsStage:
             self.unavailable["lpips"] = "disabled (--no-lpips)"
         self.nr = NoReference(list(NR_NAMES), self.device) if no_reference else None
         if self.nr is None:
-            self.unavailable.update({n: "disabled (--no-reference off)" for n in NR_NAMES})
+            self.unavailable.update({n: "disabled (--no-nr)" for n in NR_NAMES})
         else:
             self.unavailable.update(self.nr.unavailable)
 

@@ -191,7 +191,7 @@ def evaluate(
     strip: Optional[str] = typer.Option(None, help="regex removed from file stems before pairing, e.g. '_(HR|LR[0-9]|x[0-9])$'"),
     dataset: str = typer.Option("auto", help="published numbers to compare with: auto (from GT's name) | RealSR | DRealSR | none"),
     lpips: bool = typer.Option(True, "--lpips/--no-lpips", help="LPIPS-Alex when its weights are on this machine"),
-    no_reference: bool = typer.Option(True, "--no-reference/--no-no-reference",
+    no_reference: bool = typer.Option(True, "--nr/--no-nr",
                                       help="MUSIQ/MANIQA/CLIPIQA when the optional pyiqa extra and its weights are present"),
     actors: Optional[int] = typer.Option(None, min=1, help="metric actors (default: half the cluster's CPUs)"),
     gpus_per_actor: float = typer.Option(0.0, help="GPU share per actor (> 0 puts LPIPS/no-reference metrics on GPUs)"),

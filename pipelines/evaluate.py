@@ -241,7 +241,8 @@ def _run_pairs(job: EvalJob, gt: dict[str, str], pairs: dict[str, str]) -> tuple
     ds = ray.data.from_arrow([todo.slice(i, r.batch) for i in range(0, len(todo), r.batch)])
     ds = ds.map_batches(MetricsStage, fn_constructor_kwargs=dict(
         storage=job.storage.model_dump(mode="json"), crop_border=job.crop_border, lpips=job.lpips,
-        no_reference=job.no_reference, max_pixels=job.max_pixels, cpu_threads=max(1, int(r.cpus_per_actor))),
+        no_reference=job.no_reference, max_pixels=job.max_pixels, cpu_threads=max(1, int(r.cpus_per_actor)),
+        device=None if r.gpus_per_actor > 0 else "cpu"),  # never a GPU the actor did not reserve
         batch_size=r.batch, compute=ActorPoolStrategy(size=actors), num_cpus=r.cpus_per_actor,
         num_gpus=r.gpus_per_actor)
     rows, unavailable = [], {}

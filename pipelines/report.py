@@ -457,7 +457,8 @@ def _training_sections(page: _Page, run: str, storage, per_page: int) -> None:
                     dest = folder / f"{k:05d}.jpg"
                     im.save(dest, quality=88)
             except Exception as err:  # noqa: BLE001 - an unreadable file is a note, not a failed report
-                figs.append(f"<figure><figcaption>{_e(posixpath.basename(p))}: cannot show ({_e(err)})</figcaption></figure>")
+                why = "not a readable image" if isinstance(err, Image.UnidentifiedImageError) else f"{type(err).__name__}: {err}"
+                figs.append(f"<figure><figcaption>{_e(posixpath.basename(p))}: cannot show ({_e(why)})</figcaption></figure>")
                 continue
             k += 1
             figs.append(f'<figure><img src="{page.rel(dest)}" width="{im.width}" height="{im.height}" '
