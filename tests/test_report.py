@@ -79,3 +79,35 @@ def test_run_partitioned_manifest_and_summary_elsewhere(tmp_path):
 def test_report_of_something_else_says_what_it_needs(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither an upscale manifest"):
         build_report(str(tmp_path), tmp_path / "r.html")
+
+
+@pytest.mark.slow
+def test_upscale_then_evaluate_then_report(ray_local, tmp_path):
+    """The real chain on the tiny model: `upscale` writes the manifest that `evaluate` and `report` read."""
+    from pipelines.evaluate import EvalJob, run_evaluate
+    from pipelines.job import UpscaleJob
+    from pipelines.upscale import run_upscale
+    from srmodel import get_preset
+
+    for name in ("x", "y"):
+        hr = smooth_image(64, 48)
+        (tmp_path / "gt").mkdir(exist_ok=True)
+        (tmp_path / "lr").mkdir(exist_ok=True)
+        hr.save(tmp_path / "gt" / f"{name}.png")
+        hr.resize((16, 12)).save(tmp_path / "lr" / f"{name}.jpg")
+    (tmp_path / "lr" / "z.png").write_bytes(b"")  # an empty file: an error row in the manifest
+    smooth_image(64, 48).save(tmp_path / "gt" / "z.png")
+    model = get_preset("tiny").model_dump(mode="json")
+    model["sampler"].update(steps=2, process_size=64, prompt_source="fixed", fixed_tags="a photo")
+    dst = tmp_path / "out"
+    run_upscale(UpscaleJob.model_validate({"src": str(tmp_path / "lr"), "dst": str(dst), "model": model}))
+    summary = run_evaluate(EvalJob(sr=str(dst), gt=str(tmp_path / "gt"), resources={"actors": 1}))
+    assert summary["sr_kind"] == "upscale run"
+    assert summary["counts"] == {"gt_images": 3, "sr_images": 2, "rows": 3, "ok": 2, "error": 1,
+                                      "unpaired_gt": 1, "unpaired_sr": 0}
+    assert summary["by_error_type"] == {"DecodeError": 1}  # z's upscale failure, carried into its row
+    assert 0 < summary["means"]["psnr"] < 60 and -1 <= summary["means"]["ssim"] <= 1
+    info = build_report(str(dst), tmp_path / "report.html", gallery=2)
+    assert info["gallery_items"] == 2 + 1  # the sample and the lowest-PSNR card
+    text = (tmp_path / "report.html").read_text()
+    assert "tiny" in text and "DecodeError" in text and "empty file" in text
