@@ -113,7 +113,8 @@ def _key(rel: str, strip: re.Pattern | None) -> str:
 
 def sr_candidates(job: EvalJob) -> tuple[dict[str, str], dict[str, dict], str]:
     """(relative path -> SR URI, relative key -> failed manifest row, source kind)."""
-    manifest = read_run_manifest(job.sr, job.storage)
+    manifest = read_run_manifest(job.sr, job.storage, columns=["image_id", "status", "stage", "error_type",
+                                                                "error_message", "dst_uri", "finished_at"])
     if manifest is None:
         return _list_images(job.sr, job.storage, skip=(job.out_dir(),)), {}, "folder"
     fs, root = filesystem(job.sr, job.storage)

@@ -30,6 +30,9 @@ THUMB = 360  # longest side of gallery thumbnails, px
 MIN_SHOWN = 240  # thumbnails are displayed at least this large (px)
 CROP = 96  # side of the zoomed crops, in output pixels (shown 2.5x, pixelated)
 STAGES = ("decode", "semantic", "sr", "encode")
+# What the page uses of the manifest (prompts and tags stay on disk: the driver holds every row read).
+MANIFEST_COLUMNS = ["image_id", "src_uri", "status", "stage", "error_type", "error_message", "dst_uri", "params_hash",
+                    "model_id", "node_id", "timings_ms", "finished_at", "run"]
 
 
 def build_report(target: str, out: str | Path, *, storage: StorageConfig | None = None, eval_dir: str | None = None,
@@ -42,7 +45,7 @@ def build_report(target: str, out: str | Path, *, storage: StorageConfig | None 
         shutil.rmtree(assets)
     assets.mkdir(parents=True)
     page = _Page(assets)
-    manifest = read_run_manifest(target, storage)
+    manifest = read_run_manifest(target, storage, columns=MANIFEST_COLUMNS)
     if manifest is not None:
         kind = "upscale run"
         _upscale_sections(page, target, manifest, storage, _load_eval(target, eval_dir, storage), gallery, per_page)

@@ -49,7 +49,7 @@ def read_run_manifest(dst: str, storage: StorageConfig | None = None, columns: l
     schema = pa.unify_schemas(schemas + [dataset.schema], promote_options="permissive")
     if "run" not in schema.names:
         schema = schema.append(pa.field("run", pa.string()))
-    cols = [c for c in columns if c in schema.names] + ["run"] if columns else None
+    cols = list(dict.fromkeys([c for c in columns if c in schema.names] + ["run"])) if columns else None
     tables = []
     for frag in dataset.get_fragments():
         table = frag.to_table(schema=schema, columns=cols)
@@ -66,23 +66,35 @@ _RUN_IN_NAME = re.compile(r"part-([0-9A-Za-z]+)-\d+\.parquet$")
 
 def summary_candidates(dst: str) -> list[str]:
     """Where a run's summary.json may be, newest layout first."""
-    return [join(dst, "_runs", "latest", "summary.json"), join(dst, "_runs", "summary.json"),
-            join(dst, "_state", "summary.json"), join(dst, "_manifest", "summary.json")]
+    return [join(dst, "_runs", "latest", "summary.json"), join(dst, "_runs", "latest.json"),
+            join(dst, "_runs", "summary.json"), join(dst, "_state", "summary.json"), join(dst, "_manifest", "summary.json")]
 
 
 def read_run_summary(dst: str, storage: StorageConfig | None = None) -> dict | None:
     """The latest summary.json of an upscale run at DST, wherever this version keeps it; None if none."""
     for uri in summary_candidates(dst):
         fs, path = filesystem(uri, storage)
-        if fs.exists(path):
-            return json.loads(fs.cat_file(path))
+        if fs.isfile(path):
+            data = json.loads(fs.cat_file(path))
+            pointer = data.get("run_id") or data.get("run") if isinstance(data, dict) and "by_status" not in data else None
+            if isinstance(pointer, str):  # a `latest` that names the run instead of holding its summary
+                fs2, path2 = filesystem(join(dst, "_runs", pointer, "summary.json"), storage)
+                if fs2.isfile(path2):
+                    return json.loads(fs2.cat_file(path2))
+                continue
+            return data
     # `_runs/<id>/summary.json` without a `latest`: the most recently modified one.
     fs, runs = filesystem(join(dst, "_runs"), storage)
     found = fs.glob(runs.rstrip("/") + "/*/summary.json") if fs.isdir(runs) else []
     if found:
-        newest = max(found, key=lambda p: str(fs.info(p).get("mtime") or fs.info(p).get("LastModified") or ""))
-        return json.loads(fs.cat_file(newest))
+        return json.loads(fs.cat_file(max(found, key=lambda p: _modified(fs, p))))
     return None
+
+
+def _modified(fs, path: str) -> float:
+    info = fs.info(path)
+    at = info.get("mtime") or info.get("LastModified") or info.get("created") or 0
+    return at.timestamp() if hasattr(at, "timestamp") else float(at)
 
 
 def read_listing(dst: str, storage: StorageConfig | None = None) -> pa.Table | None:

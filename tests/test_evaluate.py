@@ -55,6 +55,12 @@ def test_pairing_by_path_then_stem_with_strip():
     assert pairs["c_HR.png"] == "sr/c" and lonely_sr == ["x.png", "zzz.png"]
 
 
+def test_evaluate_names_a_missing_folder(tmp_path):
+    (tmp_path / "sr").mkdir()
+    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "sr"), str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "nope is not a folder/prefix of images" in " ".join(result.output.split())
+
+
 def test_evaluate_an_upscale_run(evaluated):
     rows, summary, gt = evaluated["rows"], evaluated["summary"], evaluated["gt"]
     assert sorted(rows) == ["a.png", "b.png", "broken.png", "d.png", "lonely.png", "odd.png", "sub/c.png"]
