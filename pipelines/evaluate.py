@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from cluster import ray_runtime
-from cluster.storage import StorageConfig, filesystem, is_local, join, uri_of, write_bytes_atomic
+from cluster.storage import StorageConfig, filesystem, is_local, is_remote, join, uri_of, write_bytes_atomic
 from srmodel.metrics import SCORE_WEIGHTS, challenge_score
 from srmodel.seeds import image_id_from_uri
 
@@ -123,14 +123,16 @@ def sr_candidates(job: EvalJob) -> tuple[dict[str, str], dict[str, dict], str]:
     keys = dict(zip(listing["image_id"].to_pylist(), listing["dst_key"].to_pylist())) if listing is not None else {}
     outputs, failed = {}, {}
     for row in latest_rows(manifest):
-        key = keys.get(row["image_id"])
+        key, uri = keys.get(row["image_id"]), None
         dst_path = filesystem(row["dst_uri"], job.storage)[1] if row.get("dst_uri") else None
         if dst_path and dst_path.startswith(root):
-            key = dst_path[len(root):]
+            key, uri = dst_path[len(root):], row["dst_uri"] if "://" in row["dst_uri"] else "file://" + dst_path
+        elif key is not None:  # DST was copied elsewhere since: its outputs are under SR, by their listed keys
+            uri = join(job.sr, key) if is_remote(job.sr) else "file://" + join(root.rstrip("/"), key)
         if key is None:
             continue  # an error row of an input we cannot place (no listing): it has no output either
         if row["status"] == "ok" and row.get("dst_uri"):
-            outputs[key] = row["dst_uri"] if "://" in row["dst_uri"] else "file://" + dst_path
+            outputs[key] = uri
         elif row["status"] == "error":
             failed[key] = row
     return outputs, failed, "upscale run"

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from browser import Browser, keep_screenshot, visible_images
 from pipelines.cli import app
-from pipelines.evaluate import EvalJob, pair, run_evaluate
+from pipelines.evaluate import EvalJob, pair, run_evaluate, sr_candidates
 from pipelines.report import build_report
 from runs import fake_upscale_run, smooth_image, write_pairs
 from srmodel.metrics import psnr_y, ssim_y
@@ -112,6 +112,20 @@ def test_evaluate_folders_on_s3_through_the_cli(ray_eval, s3, s3_endpoint, tmp_p
     comp = summary["comparison"]  # GT under a RealSR/ prefix: compared with the published RealSR numbers
     assert comp["dataset"] == "RealSR" and comp["rows"][0]["psnr"] == pytest.approx(summary["means"]["psnr"])
     assert {r["method"] for r in comp["rows"][1:]} == {"SeeSR (50)", "OSEDiff (1)", "Real-ESRGAN"}
+
+
+def test_an_upscale_dst_copied_to_s3_is_read_there(s3, s3_endpoint, tmp_path):
+    """Manifest and listing read from S3; outputs found under SR by their keys, not at the run's old paths."""
+    folders = write_pairs(tmp_path)
+    fake_upscale_run(folders["lr"], tmp_path / "out")
+    s3.create_bucket(Bucket="runs")
+    for p in (tmp_path / "out").rglob("*"):
+        if p.is_file():
+            s3.upload_file(str(p), "runs", f"copy/{p.relative_to(tmp_path / 'out').as_posix()}")
+    job = EvalJob(sr="s3://runs/copy", gt=str(folders["gt"]), storage={"endpoint_url": s3_endpoint})
+    outputs, failed, kind = sr_candidates(job)
+    assert kind == "upscale run" and sorted(failed) == ["broken.png"]
+    assert outputs == {k: f"s3://runs/copy/{k}" for k in ("a.png", "b.png", "d.png", "nogt.png", "odd.png", "sub/c.png")}
 
 
 def test_report_of_the_run_in_chromium(evaluated, tmp_path):
