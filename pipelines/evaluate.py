@@ -20,7 +20,7 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cluster import ray_runtime
 from cluster.storage import StorageConfig, filesystem, is_local, is_remote, join, uri_of, write_bytes_atomic
@@ -78,14 +78,22 @@ class EvalJob(BaseModel):
     max_pixels: int = Field(64_000_000, ge=1)
     resources: EvalResources = EvalResources()
 
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        names = {k.lower(): k for k in PUBLISHED} | {"auto": "auto", "none": "none"}
+        if v.lower() not in names:
+            raise ValueError(f"dataset {v!r}: choose auto, none or one of {', '.join(PUBLISHED)}")
+        return names[v.lower()]
+
     def out_dir(self) -> str:
         return self.out or join(self.sr, "_eval")
 
 
 # ---------------------------------------------------------------- listing and pairing
 
-def _list_images(root_uri: str, storage: StorageConfig, skip: tuple[str, ...] = ()) -> dict[str, str]:
-    """relative path -> URI for every image under a folder/prefix (metadata folders `_*` left out)."""
+def _list_images(root_uri: str, storage: StorageConfig, skip: tuple[str, ...] = (), outputs: bool = False) -> dict[str, str]:
+    """relative path -> URI for every image under a folder/prefix (for SR `outputs`, metadata folders `_*` left out)."""
     fs, root = filesystem(root_uri, storage)
     if not fs.isdir(root):
         raise FileNotFoundError(f"{root_uri} is not a folder/prefix of images; give a local folder or s3://bucket/prefix")
@@ -96,7 +104,7 @@ def _list_images(root_uri: str, storage: StorageConfig, skip: tuple[str, ...] = 
         rel = p[len(root) + 1:]
         if posixpath.splitext(p)[1].lower() not in IMAGE_EXTENSIONS or p.startswith(skip_paths):
             continue
-        if any(part.startswith("_") for part in rel.split("/")[:-1]):
+        if outputs and any(part.startswith("_") for part in rel.split("/")[:-1]):
             continue  # _manifest/, _state/, _eval/, report assets: never SR outputs
         out[rel] = "file://" + p if is_local(fs) else uri_of(fs, p)
     return out
@@ -116,7 +124,7 @@ def sr_candidates(job: EvalJob) -> tuple[dict[str, str], dict[str, dict], str]:
     manifest = read_run_manifest(job.sr, job.storage, columns=["image_id", "status", "stage", "error_type",
                                                                 "error_message", "dst_uri", "finished_at"])
     if manifest is None:
-        return _list_images(job.sr, job.storage, skip=(job.out_dir(),)), {}, "folder"
+        return _list_images(job.sr, job.storage, skip=(job.out_dir(),), outputs=True), {}, "folder"
     fs, root = filesystem(job.sr, job.storage)
     root = root.rstrip("/") + "/"
     listing = read_listing(job.sr, job.storage)
@@ -262,13 +270,8 @@ def _mean(values: list) -> float | None:
 
 
 def detect_dataset(job: EvalJob) -> str | None:
-    if job.dataset.lower() == "none":
-        return None
     if job.dataset != "auto":
-        names = {k.lower(): k for k in PUBLISHED}
-        if job.dataset.lower() not in names:
-            raise ValueError(f"--dataset {job.dataset!r}: choose auto, none or one of {', '.join(PUBLISHED)}")
-        return names[job.dataset.lower()]
+        return None if job.dataset == "none" else job.dataset
     gt = job.gt.lower()
     return "DRealSR" if "drealsr" in gt else "RealSR" if "realsr" in gt else None
 
