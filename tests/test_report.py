@@ -81,8 +81,20 @@ def test_report_of_something_else_says_what_it_needs(tmp_path):
         build_report(str(tmp_path), tmp_path / "r.html")
 
 
+@pytest.fixture(scope="module")
+def ray_e2e(tiny_cache):
+    """A new local Ray (address="local": never a cluster someone else started on this machine)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
 @pytest.mark.slow
-def test_upscale_then_evaluate_then_report(ray_local, tmp_path):
+def test_upscale_then_evaluate_then_report(ray_e2e, tmp_path):
     """The real chain on the tiny model: `upscale` writes the manifest that `evaluate` and `report` read."""
     from pipelines.evaluate import EvalJob, run_evaluate
     from pipelines.job import UpscaleJob
