@@ -181,6 +181,66 @@ def build_trainset(
     print(json.dumps(summary, indent=2))
 
 
+@app.command()
+def evaluate(
+    sr: str = typer.Argument(..., help="SR images: an upscale DST (its manifest is used) or any folder/prefix"),
+    gt: str = typer.Argument(..., help="ground truth: folder or s3://bucket/prefix, paired by relative path or stem"),
+    out: Optional[str] = typer.Option(None, help="where metrics.parquet and summary.json go (default: SR/_eval)"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address; default: an embedded local Ray"),
+    crop_border: int = typer.Option(4, help="pixels cut from each side before PSNR/SSIM (the challenge: 4)"),
+    strip: Optional[str] = typer.Option(None, help="regex removed from file stems before pairing, e.g. '_(HR|LR[0-9]|x[0-9])$'"),
+    dataset: str = typer.Option("auto", help="published numbers to compare with: auto (from GT's name) | RealSR | DRealSR | none"),
+    lpips: bool = typer.Option(True, "--lpips/--no-lpips", help="LPIPS-Alex when its weights are on this machine"),
+    no_reference: bool = typer.Option(True, "--nr/--no-nr",
+                                      help="MUSIQ/MANIQA/CLIPIQA when the optional pyiqa extra and its weights are present"),
+    actors: Optional[int] = typer.Option(None, min=1, help="metric actors (default: half the cluster's CPUs)"),
+    gpus_per_actor: float = typer.Option(0.0, help="GPU share per actor (> 0 puts LPIPS/no-reference metrics on GPUs)"),
+    endpoint_url: Optional[str] = typer.Option(None, help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)"),
+) -> None:
+    """PSNR/SSIM (Y, crop 4), LPIPS and the challenge's no-reference metrics of SR against GT: metrics.parquet + summary.json."""
+    from pipelines.evaluate import EvalJob, run_evaluate
+
+    data = dict(sr=sr, gt=gt, out=out, address=address, crop_border=crop_border, strip=strip, dataset=dataset,
+                lpips=lpips, no_reference=no_reference,
+                resources={"actors": actors, "gpus_per_actor": gpus_per_actor})
+    if endpoint_url is not None:
+        data["storage"] = {"endpoint_url": endpoint_url}
+    try:
+        job = EvalJob.model_validate(data)
+        summary = run_evaluate(job)
+    except ValidationError as err:
+        console.print(f"[red]invalid settings:[/red]\n{err}")
+        raise typer.Exit(2) from err
+    except (OSError, ValueError, RuntimeError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from err
+    print(json.dumps(summary, indent=2))
+    if summary["counts"]["error"]:
+        console.print(f"[yellow]{summary['counts']['error']} GT image(s) without metrics: see {job.out_dir()}/metrics.parquet[/yellow]")
+
+
+@app.command()
+def report(
+    run_dir: str = typer.Argument(..., metavar="DST", help="an upscale DST (local or s3://) or a training run folder"),
+    out: Path = typer.Option(Path("report.html"), help="the HTML page; its assets go to a folder beside it"),
+    eval_dir: Optional[str] = typer.Option(None, "--eval", help="an evaluate output (default: DST/_eval when present)"),
+    gallery: int = typer.Option(24, min=0, help="images in the gallery sample (plus the worst by PSNR when evaluated)"),
+    per_page: int = typer.Option(8, min=1, help="gallery items per page"),
+    endpoint_url: Optional[str] = typer.Option(None, help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)"),
+) -> None:
+    """A static, self-contained HTML report of a run: settings, counts, plots, errors, a gallery, metrics."""
+    from cluster.storage import StorageConfig
+    from pipelines.report import build_report
+
+    try:
+        info = build_report(run_dir, out, storage=StorageConfig(endpoint_url=endpoint_url), eval_dir=eval_dir,
+                            gallery=gallery, per_page=per_page)
+    except (OSError, ValueError, RuntimeError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from err
+    print(json.dumps(info, indent=2))
+
+
 def run() -> None:  # pragma: no cover - console entry for `python -m pipelines.cli`
     app(prog_name="ugcsr")
 
