@@ -80,7 +80,7 @@ def test_mixed_sizes_share_forwards_by_tile_shape(source, encoder):
     assert [o.shape[:2] for o in out] == [(160, 192), (144, 240)]
     assert len(calls) == 1, calls  # one forward for both images' tiles, both CFG branches
     (b, _, h, w), = calls
-    assert (h, w) == (16, 16) and b == 2 * (4 + 3)
+    assert (h, w) == (16, 16) and b == 2 * (4 + 6)  # 2x2 tiles of 20x24, 2x3 of 18x30; both CFG branches
 
 
 def test_cfg_on_and_off_differ(source, encoder):
