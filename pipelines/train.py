@@ -36,6 +36,7 @@ from srmodel.config import ModelConfig
 from srmodel.train.config import TrainRecipe
 
 CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_FILES = {"state.json", "trainable.safetensors", "optimizer.pt", "rng.pt", "metrics.parquet"}
 METRICS_SCHEMA = pa.schema([("step", pa.int64()), ("loss", pa.float64()), ("lr", pa.float64()),
                             ("grad_norm", pa.float64()), ("samples_per_s", pa.float64()), ("epoch", pa.int64()),
                             ("time", pa.float64())])
@@ -343,7 +344,7 @@ def dataset(job: TrainJob, paths: list[str], tokenizer_folder: str):
     from actors.train_data import TrainDecode
 
     fs, _ = arrow_filesystem(job.trainset, job.storage)
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["unit_id", "gt_png", "lr_png", "prompt"])
+    ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(["unit_id", "gt_png", "lr_png", "prompt"])
     if job.shuffle:
         ds = ds.randomize_block_order(seed=job.recipe.seed)
     return ds.map_batches(TrainDecode, fn_constructor_kwargs={"tokenizer_folder": tokenizer_folder},
@@ -382,6 +383,11 @@ def run_train(job: TrainJob, *, num_cpus: int | None = None, log=print) -> dict:
 
         _write_png(join(job.run, "validation", f"{k:02d}-lr.png"), decode_image(r["lr_png"])[0], job.storage)
         _write_png(join(job.run, "validation", f"{k:02d}-gt.png"), decode_image(r["gt_png"])[0], job.storage)
+
+    done = _checkpoints(job)
+    if done and max(done) >= job.max_steps:  # nothing to train: only make sure the latest is exported
+        log(f"{job.run} is already at step {max(done)} (--max-steps {job.max_steps}): exporting only")
+        return _finish(job, done[max(done)], started)
 
     ray_runtime.connect(job.address, num_cpus=num_cpus)
     import ray.data
@@ -423,15 +429,39 @@ def run_train(job: TrainJob, *, num_cpus: int | None = None, log=print) -> dict:
     finally:
         stop.set()
         printer.join(timeout=5)
+        queue.shutdown()
     if result.error:
         raise RuntimeError(f"training failed: {result.error}") from result.error
-    if result.checkpoint is None:
+    done = _checkpoints(job)
+    if not done:
         raise RuntimeError(f"training produced no checkpoint under {join(job.run, job.run_name)}")
-    with result.checkpoint.as_directory() as folder:
-        state = json.loads((Path(folder) / "state.json").read_text())
-        rows = pq.read_table(Path(folder) / "metrics.parquet").to_pylist()
+    return _finish(job, done[max(done)], started)
+
+
+def _checkpoints(job: TrainJob) -> dict[int, str]:
+    """{step: path} of RUN's complete checkpoints (every file of one there: an upload cut short does not count)."""
+    fs, root = filesystem(join(job.run, job.run_name), job.storage)
+    files: dict[str, set] = {}
+    for path in fs.glob(root.rstrip("/") + f"/{CHECKPOINT_PREFIX}*/*"):
+        files.setdefault(posixpath.dirname(path), set()).add(posixpath.basename(path))
+    found = {}
+    for folder, names in files.items():
+        step = posixpath.basename(folder)[len(CHECKPOINT_PREFIX):]
+        if step.isdigit() and CHECKPOINT_FILES <= names:
+            found[int(step)] = folder
+    return found
+
+
+def _finish(job: TrainJob, checkpoint: str, started: float) -> dict:
+    """metrics.parquet + loss.png from the checkpoint's history, and its export."""
+    fs, _ = filesystem(job.run, job.storage)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("state.json", "metrics.parquet", "trainable.safetensors"):
+            Path(tmp, name).write_bytes(fs.cat_file(posixpath.join(checkpoint, name)))
+        state = json.loads(Path(tmp, "state.json").read_text())
+        rows = pq.read_table(Path(tmp) / "metrics.parquet").to_pylist()
         write_metrics(job.run, rows, job.storage)
-        export = export_checkpoint(job.run, folder, state["step"], job.storage)
+        export = export_checkpoint(job.run, tmp, state["step"], job.storage)
     return {"step": state["step"], "export": export, "checkpoint": checkpoint_name(state["step"]),
             "steps_logged": len(rows), "wall_s": round(time.perf_counter() - started, 2)}
 
@@ -459,16 +489,14 @@ def export_checkpoint(run: str, folder: str | Path, step: int, storage: StorageC
 
 def export_run(run: str, step: int | None, storage: StorageConfig, run_name: str = "train") -> str:
     """Export one checkpoint of RUN (the latest by default), e.g. to compare an earlier one."""
-    fs, root = filesystem(join(run, run_name), storage)
-    names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.glob(root.rstrip("/") + f"/{CHECKPOINT_PREFIX}*"))
-    steps = {int(n[len(CHECKPOINT_PREFIX):]): n for n in names if n[len(CHECKPOINT_PREFIX):].isdigit()}
-    if not steps:
+    saved = TrainJob.model_validate(json.loads(read_bytes(join(run, "train_job.json"), storage)))
+    done = _checkpoints(saved.model_copy(update={"run": run, "storage": storage, "run_name": run_name}))
+    if not done:
         raise FileNotFoundError(f"{join(run, run_name)} holds no checkpoint")
-    step = max(steps) if step is None else step
-    if step not in steps:
-        raise FileNotFoundError(f"no checkpoint for step {step} in {join(run, run_name)}; have {sorted(steps)}")
+    step = max(done) if step is None else step
+    if step not in done:
+        raise FileNotFoundError(f"no checkpoint for step {step} in {join(run, run_name)}; have {sorted(done)}")
+    fs, _ = filesystem(run, storage)
     with tempfile.TemporaryDirectory() as tmp:
-        src = posixpath.join(root, steps[step])
-        for name in ("trainable.safetensors",):
-            Path(tmp, name).write_bytes(fs.cat_file(posixpath.join(src, name)))
+        Path(tmp, "trainable.safetensors").write_bytes(fs.cat_file(posixpath.join(done[step], "trainable.safetensors")))
         return export_checkpoint(run, tmp, step, storage)
