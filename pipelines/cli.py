@@ -46,6 +46,9 @@ def with_seesr(model: dict, seesr: Path) -> dict:
         if not (seesr / sub / "config.json").is_file():
             raise typer.BadParameter(f"--seesr {seesr} has no {sub}/config.json; expected a folder with unet/ and "
                                      "controlnet/ as released (or RUN/export/checkpoint-N)")
+    if model.get("source") is None and model["name"] != "tiny":
+        raise typer.BadParameter(f"--seesr replaces unet/ and controlnet/ only: preset {model['name']!r} also needs "
+                                 "--weights (SD-2-base, SAM2, RAM)")
     if model.get("source") is None:  # tiny: its own folder supplies everything else
         model = resolve(get_preset(model["name"])).model_dump(mode="json")
     folder = str(seesr.resolve())

@@ -189,8 +189,10 @@ def _microbatches(shard, job: TrainJob, world: int, start_epoch: int, skip: int,
         epoch += 1
 
 
-def _validate(parts, trainer, job: TrainJob, val_rows: list[dict], folder: Path) -> None:
+def _validate(parts, trainer, val_rows: list[dict], folder: Path) -> None:
     """Super-resolve the held-out LR images with the current weights (rank 0), PNGs into folder."""
+    from PIL import Image
+
     from actors.decode import decode_image
     from srmodel.prompts import build_prompt
     from srmodel.seeds import seed_for
@@ -211,11 +213,14 @@ def _validate(parts, trainer, job: TrainJob, val_rows: list[dict], folder: Path)
                 prompt = build_prompt(row["prompt"].rstrip(","), s.user_prompt, s.added_prompt,
                                       added_first=s.added_prompt_first)
                 sr = up.upscale([SRRequest(lr, tokens, prompt, seed_for(row["unit_id"]))])[0]
-                from PIL import Image
-
                 Image.fromarray(sr).save(folder / f"{k:02d}-sr.png")
     finally:
         model.train()
+
+
+def _hms(seconds: float) -> str:
+    minutes, s = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{s:02d}"
 
 
 def train_loop(config: dict) -> None:
@@ -283,7 +288,7 @@ def train_loop(config: dict) -> None:
             rate = (step - first_step) * samples_per_step / (now - started)
             eta = (job.max_steps - step) * (now - started) / (step - first_step)
             queue.put_nowait(f"step {step}/{job.max_steps}  loss {loss:.4f}  lr {lr:.2e}  grad_norm {grad_norm:.3f}  "
-                             f"{rate:.2f} samples/s  ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+                             f"{rate:.2f} samples/s  ETA {_hms(eta)}")
         if step % job.checkpoint_every == 0 or step == job.max_steps:
             name = checkpoint_name(step)
             with tempfile.TemporaryDirectory() as tmp:
@@ -294,7 +299,7 @@ def train_loop(config: dict) -> None:
                                        "grad_accum": recipe.grad_accum, "seed": recipe.seed})
                     pq.write_table(pa.Table.from_pylist(rows, schema=METRICS_SCHEMA), Path(tmp) / "metrics.parquet")
                     if config.get("val_rows") and step % validate_every == 0:
-                        _validate(parts, trainer, job, config["val_rows"], Path(tmp) / "validation")
+                        _validate(parts, trainer, config["val_rows"], Path(tmp) / "validation")
                     ckpt = Checkpoint.from_directory(tmp)
                 ray.train.report({"step": step, "loss": loss, "epoch": epoch}, checkpoint=ckpt,
                                  checkpoint_dir_name=name)

@@ -185,6 +185,13 @@ def test_overfit_resume_export(ray_local, trainset, tiny_model, tmp_path):
     np.testing.assert_allclose([r["loss"] for r in metrics(tmp_path / "b")], [r["loss"] for r in rows], rtol=1e-4)
     assert {p.name for p in (tmp_path / "b" / "train").glob("checkpoint-*")} == {"checkpoint-00000012",
                                                                                "checkpoint-00000024"}
+    # the same command once more: nothing to train, nothing overwritten, the export is there
+    before = (tmp_path / "b" / "train" / "checkpoint-00000024" / "trainable.safetensors").stat().st_mtime_ns
+    lines.clear()
+    assert run_train(train_job(trainset, tmp_path / "b", max_steps=24, **kw), log=lines.append)["step"] == 24
+    assert "exporting only" in lines[0] and not any(line.startswith("step ") for line in lines)
+    assert (tmp_path / "b" / "train" / "checkpoint-00000024" / "trainable.safetensors").stat().st_mtime_ns == before
+    assert (tmp_path / "b" / "export" / "checkpoint-24" / "unet" / "config.json").is_file()
 
     # export: strict loads; frozen weights bitwise as they started, every trained tensor moved
     export = tmp_path / "a" / "export" / "checkpoint-24"

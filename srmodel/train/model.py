@@ -148,7 +148,9 @@ def assemble_train_parts(unet, controlnet, vae, text, encoder, scheduler, config
     if recipe.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.to(device).train()
-    vae = vae.to(device, frozen).eval().requires_grad_(False)
+    if vae.dtype != frozen:  # (diffusers warns on any dtype cast, even a no-op one)
+        vae = vae.to(dtype=frozen)
+    vae = vae.to(device).eval().requires_grad_(False)
     text = TextConditioner(text.tokenizer, text.text_encoder.to(device, frozen))
     encoder = encoder.to(device, frozen).eval().requires_grad_(False)
     tok = text.tokenizer
