@@ -37,6 +37,26 @@ def released_source(weights: Path) -> ModelSource:
     return src
 
 
+def with_seesr(model: dict, seesr: Path) -> dict:
+    """The model with unet/ and controlnet/ from `seesr` (the other parts as the preset or --weights give them)."""
+    from srmodel.loader import resolve
+    from srmodel.presets import get_preset
+
+    for sub in ("unet", "controlnet"):
+        if not (seesr / sub / "config.json").is_file():
+            raise typer.BadParameter(f"--seesr {seesr} has no {sub}/config.json; expected a folder with unet/ and "
+                                     "controlnet/ as released (or RUN/export/checkpoint-N)")
+    if model.get("source") is None and model["name"] != "tiny":
+        raise typer.BadParameter(f"--seesr replaces unet/ and controlnet/ only: preset {model['name']!r} also needs "
+                                 "--weights (SD-2-base, SAM2, RAM)")
+    if model.get("source") is None:  # tiny: its own folder supplies everything else
+        model = resolve(get_preset(model["name"])).model_dump(mode="json")
+    folder = str(seesr.resolve())
+    # The revision is part of the params hash: outputs of other weights are never taken as done.
+    model["source"] = {**model["source"], "seesr": folder, "revision": f"seesr:{folder}"}
+    return model
+
+
 def _merge(base: dict, override: dict) -> dict:
     out = dict(base)
     for k, v in override.items():
@@ -74,6 +94,8 @@ def upscale(
     prompt_source: Optional[str] = typer.Option(None, help="tagger (RAM+DAPE tags per image) | fixed (--tags for all)"),
     tags: Optional[str] = typer.Option(None, help="the tags used with --prompt-source fixed"),
     prompt: Optional[str] = typer.Option(None, help="user text inserted after the tags, as released"),
+    seesr: Optional[Path] = typer.Option(None, help="folder with unet/ and controlnet/ used instead of the preset's or "
+                                         "--weights' checkpoint (e.g. RUN/export/checkpoint-N of `ugcsr train`)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list what would run and the resources, load no model"),
 ) -> None:
     """Super-resolve every image under SRC into DST, with a Parquet manifest; re-running resumes."""
@@ -89,6 +111,8 @@ def upscale(
     except (OSError, ValueError, yaml.YAMLError) as err:
         raise typer.BadParameter(f"cannot read --config {config}: {err}") from err
     model = get_preset(preset, released_source(weights) if weights else None).model_dump(mode="json")
+    if seesr is not None:
+        model = with_seesr(model, seesr)
     data["model"] = _merge(model, data.get("model") or {})
     overrides = {"src": src, "dst": dst, "address": address, "limit": limit, "format": fmt,
                  "cache_semantic": cache_semantic, "relist": relist or None}
@@ -239,6 +263,13 @@ def report(
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from err
     print(json.dumps(info, indent=2))
+
+
+# Training commands live in their own module (imports stay lazy: `ugcsr upscale` never loads them).
+from pipelines.train_cli import train as _train, train_export as _train_export  # noqa: E402
+
+app.command("train")(_train)
+app.command("train-export")(_train_export)
 
 
 def run() -> None:  # pragma: no cover - console entry for `python -m pipelines.cli`
