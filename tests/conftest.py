@@ -69,6 +69,6 @@ def ray_local(tiny_cache):
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)  # never a stray cluster
     yield ray
     ray.shutdown()
