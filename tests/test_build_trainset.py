@@ -23,7 +23,7 @@ def make_hr(folder, n=7):
 
 def job(src, dst, **kw):
     return TrainsetJob.model_validate({"src": str(src), "dst": str(dst), "crop": 32, "min_pixels": 40 * 30,
-                                       "min_file_bytes": 0, "groups_per_shard": 1, **kw})
+                                       "min_file_bytes": 0, "shards": 4, **kw})
 
 
 def shard_bytes(dst):
