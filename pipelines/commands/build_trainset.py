@@ -10,26 +10,27 @@ import typer
 
 from .common import EXIT_ITEMS_FAILED, check_dst, given, load_config, ray_log_dir, run_command
 
-OPTION_OF = {("src",): "SRC", ("dst",): "DST", ("pairs",): "--pairs", ("preset",): "--preset", ("seed",): "--seed",
-             ("crop",): "--crop", ("address",): "--address", ("limit",): "--limit", ("shards",): "--shards",
-             ("storage", "endpoint_url"): "--endpoint-url"}
+PRESETS = Literal["paper", "realesrgan", "ugc"]  # srmodel.degrade.PRESETS, spelled out so --help needs no torch
+OPTION_OF = {("src",): "src", ("dst",): "dst", ("pairs",): "pairs", ("preset",): "preset", ("seed",): "seed",
+             ("crop",): "crop", ("address",): "address", ("limit",): "limit", ("shards",): "shards",
+             ("storage", "endpoint_url"): "endpoint_url"}  # job field -> the parameter that sets it
 
 
 def build_trainset(
     src: str = typer.Argument(..., metavar="SRC", help="HR images: folder or s3://bucket/prefix (LSDIR layout or any tree)"),
     dst: str = typer.Argument(..., metavar="DST", help="where the Parquet shards, _manifest/ and dataset_card.json go"),
     pairs: Optional[str] = typer.Option(None, help="official paired set: a folder with hr/ and lr/ (same names)"),
-    preset: Optional[Literal["paper", "realesrgan", "ugc"]] = typer.Option(
+    preset: Optional[PRESETS] = typer.Option(
         None, help="degradation preset [default: paper]"),
     seed: Optional[int] = typer.Option(None, help="the same seed gives byte-identical pairs on any cluster size [default: 0]"),
-    crop: Optional[int] = typer.Option(None, min=16, help="GT crop size in pixels; the LR crop is crop / 4 (the "
+    crop: Optional[int] = typer.Option(None, help="GT crop size in pixels (>= 16); the LR crop is crop / 4 (the "
                                                           "presets' scale) [default: 512]"),
-    shards: Optional[int] = typer.Option(None, min=1, help="hash buckets the crops are spread over [default: 256]"),
+    shards: Optional[int] = typer.Option(None, help="hash buckets the crops are spread over [default: 256]"),
     config: Optional[Path] = typer.Option(None, help="job YAML (examples/build-trainset.yaml); options given here "
                                                      "override it"),
     address: Optional[str] = typer.Option(None, help="Ray cluster address; default: an embedded local Ray"),
     endpoint_url: Optional[str] = typer.Option(None, help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)"),
-    limit: Optional[int] = typer.Option(None, min=1, help="at most N crops this run (a later full run completes the rest)"),
+    limit: Optional[int] = typer.Option(None, help="at most N (>= 1) crops this run (a later full run completes the rest)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the crops and shards a run would build; build nothing"),
     print_config: bool = typer.Option(False, "--print-config", help="print the effective job as YAML and exit"),
     fail_on_error: bool = typer.Option(False, "--fail-on-error", help=f"exit {EXIT_ITEMS_FAILED} if any crop failed"),
@@ -46,13 +47,14 @@ def build_trainset(
     option or setting, 3 the job could not run (SRC missing, DST unusable or
     built with other settings).
     """
+    options = dict(locals())
     check_dst(dst)
     data = load_config(config)
     from pipelines.build_trainset import TrainsetJob, plan
 
     data.update(given(src=src, dst=dst, pairs=pairs, preset=preset, seed=seed, crop=crop, shards=shards,
                       address=address, limit=limit))
-    run_command(TrainsetJob, data, option_of=OPTION_OF, config=config, endpoint_url=endpoint_url,
+    run_command(TrainsetJob, data, option_of=OPTION_OF, options=options, config=config, endpoint_url=endpoint_url,
                 print_config=print_config, dry_run=dry_run, plan=plan, run=lambda job: _run(job, log_interval),
                 failures=lambda summary: summary["processed"].get("error", 0), fail_on_error=fail_on_error)
 

@@ -97,7 +97,7 @@ def settings_error(err, options: dict[tuple, str], config: Path | None) -> NoRet
     fail("invalid settings:\n  " + "\n  ".join(lines), EXIT_USAGE)
 
 
-def run_command(job_cls, data: dict, *, option_of: dict, config: Path | None, endpoint_url: str | None,
+def run_command(job_cls, data: dict, *, option_of: dict, options: dict, config: Path | None, endpoint_url: str | None,
                 print_config: bool, dry_run: bool, plan, run, failures, fail_on_error: bool) -> None:
     """What every job command does once its options are merged into `data`: validate, then
     --print-config, --dry-run (`plan(job)`) or `run(job)`, and the exit code (`failures(summary)`)."""
@@ -110,7 +110,7 @@ def run_command(job_cls, data: dict, *, option_of: dict, config: Path | None, en
     try:
         job = job_cls.model_validate(data)
     except ValidationError as err:
-        settings_error(err, option_of, config)
+        settings_error(err, option_names(option_of, options), config)
     if print_config:
         print_yaml(job.model_dump(mode="json"))
         return
@@ -123,6 +123,15 @@ def run_command(job_cls, data: dict, *, option_of: dict, config: Path | None, en
         fail(str(err), EXIT_JOB)
     if fail_on_error and failures(summary):
         raise typer.Exit(EXIT_ITEMS_FAILED)
+
+
+def option_names(option_of: dict, options: dict) -> dict:
+    """{job field: how the user wrote it} for the fields set on the command line (SRC, DST, --scale, ...)."""
+    names = {}
+    for loc, param in option_of.items():
+        if options.get(param) is not None:
+            names[loc] = param.upper() if param in ("src", "dst") else "--" + {"fmt": "format"}.get(param, param).replace("_", "-")
+    return names
 
 
 def print_yaml(data: dict) -> None:

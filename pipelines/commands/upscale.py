@@ -14,13 +14,13 @@ from .common import EXIT_ITEMS_FAILED, check_dst, given, load_config, merge, ray
 PRESETS = Literal["wild", "synthetic", "tiny"]
 DTYPES = Literal["fp32", "fp16", "bf16"]
 
-# Which option sets which job field: pydantic errors are reported under the option's name.
+# Which parameter sets which job field: errors in a value given on the command line name the option.
 OPTION_OF = {
-    ("src",): "SRC", ("dst",): "DST", ("address",): "--address", ("limit",): "--limit", ("format",): "--format",
-    ("relist",): "--relist", ("cache_semantic",): "--cache-semantic", ("storage", "endpoint_url"): "--endpoint-url",
-    ("model", "sampler", "upscale"): "--scale", ("model", "dtype"): "--dtype",
-    ("model", "sampler", "prompt_source"): "--prompt-source", ("model", "sampler", "fixed_tags"): "--tags",
-    ("model", "sampler", "user_prompt"): "--prompt",
+    ("src",): "src", ("dst",): "dst", ("address",): "address", ("limit",): "limit", ("format",): "fmt",
+    ("relist",): "relist", ("cache_semantic",): "cache_semantic", ("storage", "endpoint_url"): "endpoint_url",
+    ("model", "sampler", "upscale"): "scale", ("model", "dtype"): "dtype",
+    ("model", "sampler", "prompt_source"): "prompt_source", ("model", "sampler", "fixed_tags"): "tags",
+    ("model", "sampler", "user_prompt"): "prompt",
 }
 
 
@@ -53,11 +53,11 @@ def upscale(
     weights: Optional[Path] = typer.Option(None, help="folder with the released weights (README); needs --preset"),
     config: Optional[Path] = typer.Option(None, help="job YAML (examples/upscale.yaml); options given here override it"),
     address: Optional[str] = typer.Option(None, help="Ray cluster address; default: an embedded local Ray"),
-    scale: Optional[int] = typer.Option(None, min=1, help="upscale factor (default: the preset's)"),
+    scale: Optional[int] = typer.Option(None, help="upscale factor, 1-16 (default: the preset's)"),
     dtype: Optional[DTYPES] = typer.Option(None, help="default: the preset's"),
     fmt: Optional[Literal["png", "webp", "jpeg"]] = typer.Option(None, "--format", help="output format [default: png]"),
     endpoint_url: Optional[str] = typer.Option(None, help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)"),
-    limit: Optional[int] = typer.Option(None, min=1, help="process at most N images this run"),
+    limit: Optional[int] = typer.Option(None, help="process at most N (>= 1) images this run"),
     relist: Optional[bool] = typer.Option(
         None, "--relist/--no-relist",
         help="list SRC again / reuse DST/_state/listing.parquet [default: relist local folders, reuse remote listings]"),
@@ -77,6 +77,7 @@ def upscale(
     --fail-on-error was given, 2 bad option or setting, 3 the job could not run (SRC missing or
     empty, DST unusable, weights missing, cluster failure).
     """
+    options = dict(locals())
     if weights is not None and preset is None:
         raise typer.BadParameter("--weights needs --preset wild (x1, CFG 8.5) or --preset synthetic (x4); "
                                  "tiny is the random-weights test model", param_hint="'--preset'")
@@ -91,7 +92,7 @@ def upscale(
     data["model"] = merge(merge(model, data.get("model") or {}), given(dtype=dtype, sampler=sampler or None))
     data.update(given(src=src, dst=dst, address=address, limit=limit, format=fmt, cache_semantic=cache_semantic,
                       relist=relist))
-    run_command(UpscaleJob, data, option_of=OPTION_OF, config=config, endpoint_url=endpoint_url,
+    run_command(UpscaleJob, data, option_of=OPTION_OF, options=options, config=config, endpoint_url=endpoint_url,
                 print_config=print_config, dry_run=dry_run, plan=plan_only, run=lambda job: _run(job, log_interval),
                 failures=lambda summary: summary["by_status"].get("error", 0), fail_on_error=fail_on_error)
 
