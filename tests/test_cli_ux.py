@@ -213,6 +213,7 @@ def test_decode_error_keeps_the_source_size_and_timings_are_per_image():
     assert ms[0] > 0 and ms[1] > 0 and ms[2] > 0 and ms[3] != ms[3]  # row 3 failed at read: no decode time (NaN)
 
 
+@pytest.mark.slow
 def test_upscale_run_as_a_new_user_sees_it(tmp_path, tiny_cache):
     """No terminal: start-up phases, then progress lines; no Ray chatter; --fail-on-error exits 1; manifest facts."""
     src = tmp_path / "photos"
