@@ -53,7 +53,7 @@ class Progress:
             from rich.progress import Progress as RichProgress
 
             self._bar = RichProgress(
-                SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(),
                 TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
                 console=Console(file=self.stream), transient=False,
             )
@@ -101,14 +101,18 @@ class Progress:
             self._bar.update(self._task, description=self.what, completed=self.done, status=self.status())
 
     def close(self) -> None:
+        """Stop; the last line gives the overall rate (start-up included) beside the failures."""
         self._stop.set()
         if self._ticker is not None:
             self._ticker.join(timeout=1)
+        wall = time.monotonic() - self.t0
+        final = f"{self.done / wall if wall > 0 else 0:.3g} {self.what}/s overall, {self.errors} failed"
         if self._bar is not None:
+            self._bar.update(self._task, description=self.what, completed=self.done, status=final)
             self._bar.stop()
             self._bar = None
         elif self.total is not None:
-            self._line(self.line())
+            self._line(f"[{_duration(wall)}] {self.done}/{self.total} {self.what}, {final}")
 
     def __enter__(self) -> Progress:
         return self

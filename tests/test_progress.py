@@ -24,7 +24,7 @@ def test_log_lines_without_a_terminal():
     assert lines[0].endswith("] starting 2 SR actor(s), loading models")
     assert any("starting 2 SR actor(s), loading models (0:00 so far)" in line for line in lines[1:3])
     assert any("/10 images," in line and "images/s, ETA" in line and "1 failed" in line for line in lines)
-    assert "6/10 images" in lines[-1] and "1 failed" in lines[-1]
+    assert "6/10 images" in lines[-1] and "images/s overall, 1 failed" in lines[-1]
 
 
 def test_terminal_bar_shows_the_same_figures():
@@ -35,4 +35,4 @@ def test_terminal_bar_shows_the_same_figures():
         p.start(4)
         p.advance(4, 0)
     text = out.getvalue()
-    assert "SRC listed: 4 image(s)" in text and "4/4" in text and "0 failed" in text
+    assert "SRC listed: 4 image(s)" in text and "4/4" in text and "crops/s overall, 0 failed" in text

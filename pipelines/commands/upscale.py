@@ -112,11 +112,10 @@ def _run(job, log_interval: float) -> dict:
         progress.starting("listing SRC, starting Ray")
 
         def on_plan(plan):
-            progress.note(listing_note(job, plan))
+            progress.note(f"{listing_note(job, plan)}; {len(plan.todo)} to process, {plan.skipped} already done")
             progress.start(len(plan.todo))
             p = plan.pools
-            progress.starting(f"{len(plan.todo)} to process ({plan.skipped} already done); starting "
-                              f"{p['sr_actors']} SR + {p['semantic_actors']} semantic actor(s), loading models")
+            progress.starting(f"starting {p['sr_actors']} SR + {p['semantic_actors']} semantic actor(s), loading models")
 
         def on_rows(rows):
             errors = sum(r["status"] == "error" for r in rows)
@@ -131,7 +130,7 @@ def _run(job, log_interval: float) -> dict:
     if failed:
         console.print(f"[yellow]{failed} image(s) failed: their rows in {where} say why[/yellow]")
     console.print(f"done: {summary['processed']} processed in {summary['wall_s']:.1f} s; manifest {where}"
-                  + (f"; Ray logs {logs}" if logs else ""))
+                  + (f"; Ray logs {logs}" if logs else ""), soft_wrap=True)
     return summary
 
 
