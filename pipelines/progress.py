@@ -100,25 +100,29 @@ class Progress:
         if self._bar is not None:
             self._bar.update(self._task, description=self.what, completed=self.done, status=self.status())
 
-    def close(self) -> None:
-        """Stop; the last line gives the overall rate (start-up included) beside the failures."""
+    def close(self, *, completed: bool = True) -> None:
+        """Stop; the last line gives the overall rate (start-up included) beside the failures.
+
+        `completed=False` (the job raised): the display stops where it was, showing the phase that failed.
+        """
         self._stop.set()
         if self._ticker is not None:
             self._ticker.join(timeout=1)
         wall = time.monotonic() - self.t0
         final = f"{self.done / wall if wall > 0 else 0:.3g} {self.what}/s overall, {self.errors} failed"
         if self._bar is not None:
-            self._bar.update(self._task, description=self.what, completed=self.done, status=final)
+            if completed:
+                self._bar.update(self._task, description=self.what, completed=self.done, status=final)
             self._bar.stop()
             self._bar = None
-        elif self.total is not None:
+        elif self.total is not None and completed:
             self._line(f"[{_duration(wall)}] {self.done}/{self.total} {self.what}, {final}")
 
     def __enter__(self) -> Progress:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(completed=exc_type is None)
 
     # ------------------------------------------------------------------ figures
 

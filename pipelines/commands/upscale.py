@@ -115,7 +115,9 @@ def _run(job, log_interval: float) -> dict:
             progress.note(f"{listing_note(job, plan)}; {len(plan.todo)} to process, {plan.skipped} already done")
             progress.start(len(plan.todo))
             p = plan.pools
-            progress.starting(f"starting {p['sr_actors']} SR + {p['semantic_actors']} semantic actor(s), loading models")
+            if len(plan.todo):
+                progress.starting(f"starting {p['sr_actors']} SR + {p['semantic_actors']} semantic actor(s), "
+                                  "loading models")
 
         def on_rows(rows):
             errors = sum(r["status"] == "error" for r in rows)
