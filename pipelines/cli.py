@@ -15,7 +15,9 @@ from pipelines.commands import build_trainset, upscale
 from pipelines.commands.common import Command
 
 # rich_markup_mode=None: click's plain help, where flags read `--dry-run` (typer's rich panels print `<bool>`).
+# pretty_exceptions_show_locals=False: an unexpected traceback must not dump settings (or secrets) held in locals.
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  pretty_exceptions_show_locals=False,
                   help="Semantic-guided diffusion super-resolution of UGC images on Ray.")
 
 
