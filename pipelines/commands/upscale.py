@@ -109,7 +109,7 @@ def _run(job, log_interval: float) -> dict:
         quiet_ray()
         from pipelines.upscale import run_upscale
 
-        progress.starting("listing SRC, starting Ray")
+        progress.starting("checking the model, listing SRC, starting Ray")
 
         def on_plan(plan):
             progress.note(f"{listing_note(job, plan)}; {len(plan.todo)} to process, {plan.skipped} already done")
