@@ -28,8 +28,8 @@ from srmodel.loader import resolve
 
 from .job import UpscaleJob
 from .listing import list_inputs
-from .paths import IMAGE_EXTENSIONS
 from .manifest import STAGES, ManifestWriter, done_ids, rows_from_batch
+from .paths import IMAGE_EXTENSIONS
 
 
 @dataclass
