@@ -1,4 +1,4 @@
-"""Semantic stage: SAM2.1 tokens (compact fp16, 256 wide) and the prompt per image.
+"""Semantic stage: SAM2.1 tokens (256 wide; fp16 for fp16 models, else fp32) and the prompt per image.
 
 With a cache URI, tokens and tags are stored per image_id (under a key of the
 semantic model's identity) and read back on later runs; the SAM2 encoder is
@@ -23,7 +23,11 @@ from .device import pick_device, use_cpu_threads
 
 
 class SemanticStage:
-    """batch: `image` -> adds `tokens` ((N, 256) float16 per row) and `prompt`."""
+    """batch: `image` -> adds `tokens` ((N, 256) per row, in `token_dtype`) and `prompt`.
+
+    SAM2 runs in fp32 (as released); the tokens travel in the dtype the SR models will cast them to
+    at the attention (fp16 for fp16 models: the same rounding, half the bytes), else in fp32.
+    """
 
     def __init__(self, config: dict | ModelConfig, device: str | None = None,
                  cpu_threads: int | None = None, cache_uri: str | None = None, storage: dict | None = None):
@@ -32,6 +36,7 @@ class SemanticStage:
         use_cpu_threads(self.device, cpu_threads)
         self.tagger = load_tagger(self.config, self.device)
         self.storage = StorageConfig.model_validate(storage or {})
+        self.token_dtype = np.float16 if self.config.dtype == "fp16" else np.float32
         self.cache = join(cache_uri, self.semantic_key()) if cache_uri else None
         # Without a cache the encoder is needed at once: a bad checkpoint fails the actor, not every image.
         self._encoder = None if self.cache else load_semantic_encoder(self.config, self.device)
@@ -51,7 +56,7 @@ class SemanticStage:
 
     def _encode(self, images: list[np.ndarray]) -> list[np.ndarray]:
         with torch.inference_mode():
-            return list(self.encoder.encode(images).to(torch.float16).cpu().numpy())
+            return list(self.encoder.encode(images).float().cpu().numpy().astype(self.token_dtype))
 
     def _cache_get(self, image_id: str):
         """Cached (tokens, tags), or None: a missing, unreadable or corrupt entry is just a miss."""
@@ -95,7 +100,7 @@ class SemanticStage:
                         self._cache_put(str(batch["image_id"][i]), encoded[k], new_tags[k])
         s = self.config.sampler
         shape = next((t.shape for t in tokens if t is not None), None)
-        empty = np.zeros(shape or (1, 256), np.float16)
+        empty = np.zeros(shape or (1, 256), self.token_dtype)
         batch.update(
             tokens=[t if t is not None else empty for t in tokens],
             prompt=[build_prompt(tags[i], s.user_prompt, s.added_prompt, added_first=s.added_prompt_first)

@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from pipelines.commands import build_trainset, upscale
+from pipelines.commands import build_trainset, evaluate, report, upscale
 from pipelines.commands.common import Command
 
 # rich_markup_mode=None: click's plain help, where flags read `--dry-run` (typer's rich panels print `<bool>`).
@@ -46,6 +46,8 @@ def main(
 
 app.command("upscale", cls=Command)(upscale.upscale)
 app.command("build-trainset", cls=Command)(build_trainset.build_trainset)
+app.command("evaluate", cls=Command)(evaluate.evaluate)
+app.command("report", cls=Command)(report.report)
 
 
 def run() -> None:  # pragma: no cover - console entry for `python -m pipelines.cli`

@@ -68,11 +68,17 @@ class SamplerConfig(Strict):
 class TilingConfig(Strict):
     latent_tile: int = Field(96, ge=8, description="latent tile side (96 = 768 px, as released)")
     latent_overlap: int = Field(32, ge=0)
-    vae_tile: int = Field(1024, ge=64, description="VAE tile side in image pixels")
+    vae_tile: int = Field(1024, ge=64, description="exact-size path: diffusers' VAE tile side in image pixels")
+    vae_decoder_tile: int = Field(
+        224, ge=8, description="release path: decoder tile in latent pixels (untiled up to tile + 22, as released)"
+    )
+    vae_encoder_tile: int = Field(
+        1024, ge=64, description="release path: encoder tile in image pixels (start_point=lr; untiled up to tile + 64)"
+    )
     max_batch: int = Field(16, ge=1, description="most latent tiles x CFG branches in one UNet forward")
     pad_multiple: int = Field(
         64, ge=8, multiple_of=8,
-        description="working images are padded up to this multiple (then cropped): similar sizes share a batch",
+        description="exact-size path: working images are padded up to this multiple (then cropped)",
     )
 
     @model_validator(mode="after")
@@ -89,6 +95,11 @@ class ModelConfig(Strict):
     source: ModelSource | None = Field(None, description="None only for the tiny preset (built on demand)")
     sampler: SamplerConfig = SamplerConfig()
     tiling: TilingConfig = TilingConfig()
+    geometry: Literal["release", "exact-size"] = Field(
+        "release",
+        description="image path around the model: the authors' resizes, stretch, tiling and rounding (release), "
+        "or exact aspect with pad-and-crop (exact-size); see docs/model.md",
+    )
     dtype: Literal["fp32", "fp16", "bf16"] = "fp16"
     fold_kv: bool = Field(True, description="fold the 512-wide image K/V to 256 at load (identical results)")
 
@@ -102,6 +113,7 @@ class ModelConfig(Strict):
             "sampler": self.sampler.model_dump(),
             "tiling": self.tiling.model_dump(exclude={"max_batch"}),  # batching does not change pixels
             "dtype": self.dtype,
+            "geometry": self.geometry,
             "revision": self.source.revision if self.source else "tiny",
             "model": self.name if self.source is None else None,
         }

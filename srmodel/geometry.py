@@ -45,6 +45,11 @@ class SizePlan:
     out_size: Size  # (W0*s, H0*s): final output
 
     @property
+    def model_size(self) -> Size:
+        """The size the diffusion model works at (the condition image)."""
+        return self.padded_size
+
+    @property
     def pad(self) -> Size:
         """(right, bottom) padding in pixels from work size to padded size."""
         return (

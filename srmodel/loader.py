@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
+
 from .config import ModelConfig
 from .tiny import ensure_tiny_model
 
@@ -28,9 +30,10 @@ def load_semantic_encoder(config: ModelConfig, device="cpu") -> "SemanticEncoder
     from .semantic_encoder import SemanticEncoder
 
     config = resolve(config)
-    # SAM2 runs in fp32 unless fp16/bf16 is asked for: it is ~1% of the work.
+    # SAM2 runs in fp32 whatever the model dtype, as released (its tokens are cast at the attention):
+    # it is ~1% of the work.
     return SemanticEncoder.from_pretrained(
-        config.source.sam2_checkpoint, config.source.sam2_config, device=device, dtype=config.torch_dtype
+        config.source.sam2_checkpoint, config.source.sam2_config, device=device, dtype=torch.float32
     )
 
 

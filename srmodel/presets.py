@@ -27,6 +27,9 @@ def get_preset(name: str, source: ModelSource | None = None) -> ModelConfig:
         return ModelConfig(name=name, source=source, sampler=sampler)
     if name == "tiny":  # random weights: exercises every code path in seconds; never for quality
         sampler = SamplerConfig(upscale=4, steps=4, cfg=True, guidance_scale=4.0, process_size=64)
-        tiling = TilingConfig(latent_tile=16, latent_overlap=4, vae_tile=128, max_batch=16, pad_multiple=32)
+        tiling = TilingConfig(
+            latent_tile=16, latent_overlap=4, vae_tile=128, vae_decoder_tile=16, vae_encoder_tile=128, max_batch=16,
+            pad_multiple=32,
+        )
         return ModelConfig(name=name, source=source, sampler=sampler, tiling=tiling, dtype="fp32")
     raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")

@@ -12,6 +12,22 @@ from .loading import load_strict, read_config, read_state_dict
 from .semantic_blocks import IMAGE_TOKEN_DIM, fold_image_kv
 
 
+# Config keys diffusers' UNet/ControlNet honour but our block-level forward does not, with the
+# values SD-2-base uses. Any other value would be silently ignored, so it is refused at load.
+IGNORED_BY_FORWARD = {
+    "class_embed_type": None,
+    "num_class_embeds": None,
+    "addition_embed_type": None,
+    "addition_time_embed_dim": None,
+    "projection_class_embeddings_input_dim": None,
+    "time_embedding_act_fn": None,
+    "time_cond_proj_dim": None,
+    "center_input_sample": False,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+}
+
+
 class SemanticModelMixin:
     """Mixed into a diffusers ModelMixin subclass that has image_attentions modules."""
 
@@ -30,6 +46,13 @@ class SemanticModelMixin:
                 "upgrade diffusers or remove them if they are not used"
             )
         kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
+        ignored = {k: v for k, v in kwargs.items() if k in IGNORED_BY_FORWARD and v != IGNORED_BY_FORWARD[k]}
+        if ignored:
+            raise WeightsError(
+                f"{source} sets {ignored}: {cls.__name__}'s forward does not implement these (SD-2-base and the "
+                f"release leave them at {', '.join(f'{k}={IGNORED_BY_FORWARD[k]!r}' for k in ignored)}), so this "
+                "model would run without them; use a folder of the released architecture"
+            )
         if kwargs.get("use_image_cross_attention") is False:
             raise WeightsError(f"{source} sets use_image_cross_attention=false: this is not a SeeSR/SAM2 model folder")
         return kwargs
@@ -53,16 +76,20 @@ class SemanticModelMixin:
         config = read_config(folder, cls._class_names)
         kwargs = cls._init_kwargs(config, str(folder / "config.json"))
         state, source = read_state_dict(folder)
+        # Fold in float32, then cast: folding after a cast to fp16 would round the halves first.
+        fold_first = fold_kv and torch_dtype in (torch.float16, torch.bfloat16)
         model = load_strict(
             lambda: cls(**kwargs),
             state,
             source,
-            dtype=torch_dtype,
+            dtype=torch.float32 if fold_first else torch_dtype,
             device=device,
             hint=f"expected a {cls.__name__} folder as released in checkpoint-90000/ (with image_attentions)",
         )
         if fold_kv:
             model.fold_image_kv_()
+        if fold_first:
+            model = model.to(torch_dtype)
         return model
 
     def fold_image_kv_(self):

@@ -1,13 +1,14 @@
 """The diffusion SR stage: ControlNet + UNet + VAE + text encoder, batched over images and tiles.
 
 `SemanticUpscaler.upscale` takes decoded RGB images with their SAM2 tokens,
-prompts and seeds, and returns SR images of exactly (W*s, H*s). Images whose
-padded working sizes agree share one denoising batch.
+prompts and seeds, and returns SR images of exactly (W*s, H*s). The image path
+around the model (`config.geometry`: the release's or exact-size, see
+image_paths.py) prepares each condition image and finishes each output; the
+latent tiles of all images in a call share forwards by tile shape.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,15 +16,16 @@ import numpy as np
 import torch
 
 from . import vae as vae_ops
-from .colorfix import color_fix
 from .config import ModelConfig, SamplerConfig
 from .controlnet import SemanticControlNet
 from .ddpm import make_scheduler
-from .geometry import SizePlan, crop_to, plan_size, prepare_condition, resize_image
+from .image_paths import image_path, round_to_uint8, to_tensor
+from .noise import NoiseStream
 from .sampler import denoise
-from .seeds import generator_for
 from .text import TextConditioner
 from .unet import SemanticUNet
+
+__all__ = ["SRRequest", "SemanticUpscaler", "to_tensor", "to_uint8"]
 
 
 @dataclass
@@ -34,16 +36,13 @@ class SRRequest:
     tokens: torch.Tensor  # (N, 256) or (N, 512) SAM2 tokens
     prompt: str  # the full positive prompt (see text.build_prompt)
     seed: int
-
-
-def to_tensor(image: np.ndarray) -> torch.Tensor:
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.dtype} {image.shape}")
-    return torch.from_numpy(np.array(image, order="C")).permute(2, 0, 1).float().div(255)[None]
+    # Optional [z_T, noise_0, ..., noise_{T-1}], each (1, 4, h, w) on the latent grid of the working
+    # size, used instead of the seed's draws (the release draws z_T, then one tensor per step).
+    noise: Sequence[torch.Tensor] | None = None
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    return (x[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return round_to_uint8(x)
 
 
 class SemanticUpscaler:
@@ -73,72 +72,93 @@ class SemanticUpscaler:
     def sampler(self) -> SamplerConfig:
         return self.config.sampler
 
-    def plan(self, width: int, height: int) -> SizePlan:
+    @property
+    def path(self):
         s = self.sampler
-        return plan_size(width, height, s.upscale, s.process_size, multiple=self.config.tiling.pad_multiple)
+        return image_path(self.config.geometry, s.upscale, s.process_size, self.config.tiling.pad_multiple)
+
+    def plan(self, width: int, height: int):
+        """The sizes of one input through the image path (`.model_size`, `.out_size`, ...)."""
+        return self.path.plan(width, height)
 
     def upscale(self, requests: Sequence[SRRequest]) -> list[np.ndarray]:
-        """SR images (uint8 RGB, exactly W*s x H*s) in the order given."""
-        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-        plans = []
-        for i, r in enumerate(requests):
-            h, w = r.image.shape[:2]
-            plans.append(self.plan(w, h))
-            groups[plans[-1].padded_size].append(i)
-        out: list[np.ndarray | None] = [None] * len(requests)
-        per_batch = max(1, self.config.tiling.max_batch // (2 if self.sampler.cfg else 1))
-        for indices in groups.values():
-            for start in range(0, len(indices), per_batch):
-                chunk = indices[start : start + per_batch]
-                results = self._run_group([requests[i] for i in chunk], [plans[i] for i in chunk])
-                for i, img in zip(chunk, results):
-                    out[i] = img
+        """SR images (uint8 RGB, exactly W*s x H*s) in the order given.
+
+        Images are denoised together in groups of at most max_batch // (2 with CFG) images; their
+        latent tiles share forwards whenever tile shapes agree, whatever the image sizes.
+        """
+        out: list[np.ndarray] = []
+        per_call = max(1, self.config.tiling.max_batch // (2 if self.sampler.cfg else 1))
+        for start in range(0, len(requests), per_call):
+            prepared = self.denoise(requests[start : start + per_call])
+            out += [self.finish(p) for p in prepared]
         return out
 
-    def _run_group(self, requests: Sequence[SRRequest], plans: Sequence[SizePlan]) -> list[np.ndarray]:
-        s, dev = self.sampler, self.device
-        padded, work = zip(*(prepare_condition(to_tensor(r.image), p) for r, p in zip(requests, plans)))
-        control = torch.cat(padded).to(dev)
-        wp, hp = plans[0].padded_size
-        latent_shape = (4, hp // 8, wp // 8)
-        generators = [generator_for(r.seed) for r in requests]
+    def denoise(self, requests: Sequence[SRRequest]) -> list["Denoised"]:
+        """Condition images and final latents (not divided by the VAE scaling factor) of requests."""
+        s, dev, tiling, path = self.sampler, self.device, self.config.tiling, self.path
+        plans = [path.plan(r.image.shape[1], r.image.shape[0]) for r in requests]
+        controls, references = zip(*(path.condition(r.image, p) for r, p in zip(requests, plans)))
+        controls = [c.to(dev) for c in controls]
+        streams = [NoiseStream(seed=r.seed, given=r.noise) for r in requests]
 
         scheduler = make_scheduler(self.scheduler_folder)
         scheduler.set_timesteps(s.steps)
-        if s.start_point == "noise":
-            latents = torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(dev)
-        else:  # the release's "LRE": start from the noised latent of the upsampled LR image
-            clean = vae_ops.encode(self.vae, control, generators)
-            noise = torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(dev)
-            latents = scheduler.add_noise(clean, noise, torch.tensor([s.start_steps]))
+        latents = []
+        for control, plan, stream in zip(controls, plans, streams):
+            w, h = plan.model_size
+            z_t = stream.next((4, h // 8, w // 8)).to(dev)
+            if s.start_point == "lr":  # the release's "LRE": the LR latent noised to start_steps
+                posterior = stream.draw_from_generator((1, 4, h // 8, w // 8))
+                clean = self._encode(control, posterior)
+                z_t = scheduler.add_noise(clean, z_t[None], torch.tensor([s.start_steps]))[0]
+            latents.append(z_t.float())
+        if s.start_point == "lr":
             scheduler.timesteps = scheduler.timesteps[scheduler.timesteps <= s.start_steps]
 
         prompt_embeds = self.text.encode([r.prompt for r in requests])
         negative = self.text.encode([s.negative_prompt]) if s.cfg else None
         tokens = torch.stack([r.tokens for r in requests]).to(dev)
-        tiling = self.config.tiling
         latents = denoise(
             self.unet,
             self.controlnet,
             scheduler,
-            latents.float(),
+            latents,
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative,
             image_tokens=tokens,
-            control_image=control,
+            control_image=[c[0] for c in controls],
             guidance_scale=s.guidance_scale,
             cfg=s.cfg,
             conditioning_scale=s.conditioning_scale,
-            generators=generators,
+            noise=streams,
             tile_size=tiling.latent_tile,
             tile_overlap=tiling.latent_overlap,
+            tiling_rule="release" if self.config.geometry == "release" else "exact-size",
             max_batch=tiling.max_batch,
         )
-        images = vae_ops.decode(self.vae, latents)
-        results = []
-        for k, plan in enumerate(plans):
-            sr = crop_to(images[k : k + 1], plan.work_size)
-            sr = color_fix(sr, work[k].to(sr), s.color_fix)
-            sr = resize_image(sr, plan.out_size).clamp(0, 1)
-            results.append(to_uint8(sr))
-        return results
+        return [Denoised(p, r, z) for p, r, z in zip(plans, references, latents)]
+
+    def _encode(self, control: torch.Tensor, posterior_noise: torch.Tensor) -> torch.Tensor:
+        if self.config.geometry == "release":
+            return vae_ops.encode_release(self.vae, control, posterior_noise, tile=self.config.tiling.vae_encoder_tile)
+        return vae_ops.encode_posterior(self.vae, control, posterior_noise)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(1, 4, h, w) latents -> (1, 3, 8h, 8w) image in [0, 1] by the configured VAE rule."""
+        if self.config.geometry == "release":
+            return vae_ops.decode_release(self.vae, latents, tile=self.config.tiling.vae_decoder_tile)
+        return vae_ops.decode(self.vae, latents)
+
+    def finish(self, item: "Denoised") -> np.ndarray:
+        """Decode, colour-fix and resize one image to its output size (uint8 RGB)."""
+        return self.path.finish(self.decode(item.latents[None]), item.reference, item.plan, self.sampler.color_fix)
+
+
+@dataclass
+class Denoised:
+    """One image after the denoising loop: its size plan, colour-fix reference and final latents."""
+
+    plan: object
+    reference: object
+    latents: torch.Tensor  # (4, h, w), float32

@@ -63,21 +63,24 @@ def test_seeds_make_pixels_independent_of_batch(source, encoder):
     assert np.abs(other_seed[0].astype(int) - alone[0].astype(int)).max() > 5
 
 
-def test_mixed_sizes_share_batches_by_padded_size(source, encoder):
-    up = make(source, steps=1)
+def test_mixed_sizes_share_forwards_by_tile_shape(source, encoder):
+    """Images of different sizes whose latent tiles have one shape go through the UNet together."""
+    up = make(source, steps=1, tiling={"max_batch": 64})
     calls = []
     real = up.unet.forward
 
     def spy(sample, *a, **k):
-        calls.append(sample.shape[0])
+        calls.append(tuple(sample.shape))
         return real(sample, *a, **k)
 
     up.unet.forward = spy
-    imgs = [image(20, 24, 0), image(20, 24, 1), image(19, 23, 2), image(40, 12, 3)]
+    # x4 -> 160x192 and 144x240 px -> latents 20x24 and 18x30: release tiles of 16x16 in both
+    imgs = [image(40, 48, 0), image(36, 60, 1)]
     out = up.upscale(requests(encoder, imgs))
-    assert [o.shape[:2] for o in out] == [(80, 96), (80, 96), (76, 92), (160, 48)]
-    # the three images that pad to the same size went through together (x2 for CFG)
-    assert max(calls) >= 6
+    assert [o.shape[:2] for o in out] == [(160, 192), (144, 240)]
+    assert len(calls) == 1, calls  # one forward for both images' tiles, both CFG branches
+    (b, _, h, w), = calls
+    assert (h, w) == (16, 16) and b == 2 * (4 + 6)  # 2x2 tiles of 20x24, 2x3 of 18x30; both CFG branches
 
 
 def test_cfg_on_and_off_differ(source, encoder):
@@ -88,7 +91,10 @@ def test_cfg_on_and_off_differ(source, encoder):
 
 
 def test_tiled_matches_untiled_where_both_fit(source, encoder):
-    """A tile as large as the latent is the untiled run; smaller tiles stay close on average."""
+    """A tile as large as the latent is the untiled run; smaller tiles stay close on average.
+
+    (Release rule: 20x24 = 480 latent px is untiled under a 24 tile, tiled under 16.)
+    """
     reqs = requests(encoder, [image(40, 48)])  # x4 -> 160x192 px -> 20x24 latent
     untiled = make(source, steps=2, tiling={"latent_tile": 64, "latent_overlap": 8}).upscale(reqs)[0]
     same = make(source, steps=2, tiling={"latent_tile": 24, "latent_overlap": 8}).upscale(reqs)[0]
@@ -123,12 +129,18 @@ def test_adain_matches_input_colour_statistics(source, encoder):
     np.testing.assert_allclose(out.reshape(-1, 3).mean(0), lr.reshape(-1, 3).mean(0), atol=6)
 
 
-def test_work_per_forward_stays_bounded_as_images_grow(source, encoder):
-    """Memory is bounded by tile x batch, not image size: spy on what reaches the UNet and VAE decoder."""
+@pytest.mark.parametrize("geometry,most", [("release", 16 + 2 * 11), ("exact-size", 16)])
+def test_work_per_forward_stays_bounded_as_images_grow(source, encoder, geometry, most):
+    """Memory is bounded by tile x batch, not image size: spy on what reaches the UNet and VAE decoder.
+
+    release: the decoder runs tiles of 16 latent px plus 11 px context per side; exact-size:
+    diffusers' 128 px tiles (16 latent px).
+    """
     up = make(source, steps=1, cfg=False, guidance_scale=1.0,
-              tiling={"latent_tile": 16, "latent_overlap": 4, "max_batch": 4, "vae_tile": 128})
+              tiling={"latent_tile": 16, "latent_overlap": 4, "max_batch": 4, "vae_tile": 128, "vae_decoder_tile": 16})
+    up.config = up.config.model_copy(update={"geometry": geometry})
     seen = {"unet": [], "decoder": []}
-    unet_forward, decoder_forward = up.unet.forward, up.vae.decoder.forward
+    unet_forward, conv_in = up.unet.forward, up.vae.decoder.conv_in.forward
 
     def unet_spy(sample, *a, **k):
         seen["unet"].append(tuple(sample.shape))
@@ -136,12 +148,12 @@ def test_work_per_forward_stays_bounded_as_images_grow(source, encoder):
 
     def decoder_spy(z, *a, **k):
         seen["decoder"].append(tuple(z.shape))
-        return decoder_forward(z, *a, **k)
+        return conv_in(z, *a, **k)
 
-    up.unet.forward, up.vae.decoder.forward = unet_spy, decoder_spy
+    up.unet.forward, up.vae.decoder.conv_in.forward = unet_spy, decoder_spy
     out = up.upscale(requests(encoder, [image(90, 70)]))[0]  # x4 -> 360x280 px -> 45x35 latent
     assert out.shape == (360, 280, 3)
     assert len(seen["unet"]) > 1
     assert all(b <= 4 and h <= 16 and w <= 16 for b, _, h, w in seen["unet"])
     assert len(seen["decoder"]) > 1
-    assert all(h <= 16 and w <= 16 for _, _, h, w in seen["decoder"])  # 128 px VAE tiles = 16 latent
+    assert all(h <= most and w <= most for _, _, h, w in seen["decoder"])
