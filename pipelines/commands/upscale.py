@@ -116,8 +116,9 @@ def _run(job, log_interval: float) -> dict:
             progress.start(len(plan.todo))
             p = plan.pools
             if len(plan.todo):
+                # Ray Data reports nothing before the first batch leaves the pipeline: this phase ends there.
                 progress.starting(f"starting {p['sr_actors']} SR + {p['semantic_actors']} semantic actor(s), "
-                                  "loading models")
+                                  "loading models, first batch")
 
         def on_rows(rows):
             errors = sum(r["status"] == "error" for r in rows)
