@@ -49,6 +49,41 @@ def timed(batch: dict, name: str):
     batch[f"t_{name}_ms"] = np.full(size(batch), per_row)
 
 
+class StageTimer:
+    """Per-image milliseconds in `t_<name>_ms`: time is charged to the rows it was spent on.
+
+    A stage that handles images one by one charges each its own time; a batched
+    forward is shared among the images in it (by `weights`, e.g. output pixels).
+    Rows the stage did not work on (failed earlier) stay NaN (null in the manifest).
+    """
+
+    def __init__(self, batch: dict, name: str):
+        self.batch, self.name = batch, name
+        self.ms = np.full(size(batch), np.nan)
+
+    @contextmanager
+    def rows(self, rows: list[int], weights: list[float] | None = None):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.charge(rows, (time.perf_counter() - t0) * 1000, weights)
+
+    def charge(self, rows: list[int], ms: float, weights: list[float] | None = None) -> None:
+        if not rows:
+            return
+        w = np.asarray(weights if weights is not None else [1.0] * len(rows), np.float64)
+        w = w / w.sum() if w.sum() > 0 else np.full(len(rows), 1.0 / len(rows))
+        for i, share in zip(rows, w):
+            self.ms[i] = (0.0 if np.isnan(self.ms[i]) else self.ms[i]) + ms * share
+
+    def __enter__(self) -> StageTimer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.batch[f"t_{self.name}_ms"] = self.ms
+
+
 def batch_or_each(fn, items: list, rows: list[int], batch: dict, stage: str) -> list:
     """fn(items) as one batch; if that raises, item by item so only the item at fault fails (None)."""
     if not items:

@@ -8,7 +8,7 @@ import json
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .batch import EMPTY_IMAGE, ensure_status_columns, fail, ok_rows, size, timed
+from .batch import EMPTY_IMAGE, StageTimer, ensure_status_columns, fail, ok_rows, size
 
 # A truncated file is an error, not a half-grey picture.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -17,19 +17,28 @@ DEFAULT_MAX_PIXELS = 64_000_000
 
 
 class DecodeError(ValueError):
-    """An input that is not a usable image; the message says what is wrong."""
+    """An input that is not a usable image; the message says what is wrong.
+
+    `size` is (width, height) when the header was read (e.g. a truncated JPEG), else None.
+    """
+
+    def __init__(self, message: str, size: tuple[int, int] | None = None):
+        super().__init__(message)
+        self.size = size
 
 
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, dict]:
     """Bytes -> (H, W, 3) uint8 RGB, upright per EXIF; alpha is composited on white."""
     if not data:
         raise DecodeError("empty file (0 bytes)")
+    w = h = None
     try:
         with Image.open(io.BytesIO(data)) as img:
             w, h = img.size
             # Checked from the header, before any pixel is allocated (decompression bombs).
             if w * h > max_pixels:
-                raise DecodeError(f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}; raise max_pixels to allow it")
+                raise DecodeError(f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}; raise max_pixels to allow it",
+                                  (w, h))
             frames = getattr(img, "n_frames", 1)
             img.seek(0)
             img.load()
@@ -51,9 +60,9 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[
     except UnidentifiedImageError as err:
         raise DecodeError("not an image file: no known image format recognised in its bytes") from err
     except Image.DecompressionBombError as err:
-        raise DecodeError(f"refused as a decompression bomb: {err}") from err
+        raise DecodeError(f"refused as a decompression bomb: {err}", (w, h) if w else None) from err
     except Exception as err:  # noqa: BLE001 - malformed files raise all sorts (struct.error, EOFError, ...)
-        raise DecodeError(f"not a readable image: {type(err).__name__}: {err}") from err
+        raise DecodeError(f"not a readable image: {type(err).__name__}: {err}", (w, h) if w else None) from err
     return np.ascontiguousarray(rgb), notes
 
 
@@ -67,12 +76,15 @@ class DecodeStage:
         batch = ensure_status_columns(batch)
         n = size(batch)
         images, widths, heights, notes = [EMPTY_IMAGE] * n, [0] * n, [0] * n, [""] * n
-        with timed(batch, "decode"):
+        with StageTimer(batch, "decode") as timer:
             for i in ok_rows(batch):
                 try:
-                    rgb, info = decode_image(bytes(batch["bytes"][i]), max_pixels=self.max_pixels)
+                    with timer.rows([i]):
+                        rgb, info = decode_image(bytes(batch["bytes"][i]), max_pixels=self.max_pixels)
                 except DecodeError as err:
                     fail(batch, i, "decode", f"{batch['src_uri'][i]}: {err}", type(err).__name__)
+                    if err.size:  # the header was read: the manifest keeps the source's size
+                        widths[i], heights[i] = err.size
                     continue
                 images[i] = rgb
                 heights[i], widths[i] = rgb.shape[:2]

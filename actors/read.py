@@ -6,7 +6,7 @@ import numpy as np
 
 from cluster.storage import StorageConfig, read_bytes
 
-from .batch import ensure_status_columns, fail, timed
+from .batch import StageTimer, ensure_status_columns, fail
 
 
 class ReadStage:
@@ -18,10 +18,11 @@ class ReadStage:
     def __call__(self, batch: dict) -> dict:
         batch = ensure_status_columns(batch)
         data, sizes = [], []
-        with timed(batch, "read"):
+        with StageTimer(batch, "read") as timer:
             for i, uri in enumerate(batch["src_uri"]):
                 try:
-                    blob = read_bytes(str(uri), self.storage)
+                    with timer.rows([i]):
+                        blob = read_bytes(str(uri), self.storage)
                 except Exception as err:  # noqa: BLE001 - becomes this row's error record
                     fail(batch, i, "read", f"cannot read {uri}: {err}", type(err).__name__)
                     blob = b""

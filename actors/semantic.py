@@ -18,7 +18,7 @@ from srmodel.config import ModelConfig
 from srmodel.loader import load_semantic_encoder, load_tagger, resolve
 from srmodel.prompts import build_prompt
 
-from .batch import batch_or_each, ensure_status_columns, ok_rows, size, timed
+from .batch import StageTimer, batch_or_each, ensure_status_columns, ok_rows, size
 from .device import pick_device, use_cpu_threads
 
 
@@ -80,17 +80,19 @@ class SemanticStage:
         n = size(batch)
         tokens: list = [None] * n
         tags: list = [""] * n
-        with timed(batch, "semantic"):
+        with StageTimer(batch, "semantic") as timer:
             todo = []
             for i in ok_rows(batch):
-                hit = self._cache_get(str(batch["image_id"][i])) if self.cache else None
+                with timer.rows([i]):
+                    hit = self._cache_get(str(batch["image_id"][i])) if self.cache else None
                 if hit is None:
                     todo.append(i)
                 else:
                     tokens[i], tags[i] = hit
             images = [batch["image"][i] for i in todo]
-            encoded = batch_or_each(self._encode, images, todo, batch, "semantic")
-            new_tags = batch_or_each(self.tagger, images, todo, batch, "semantic")
+            with timer.rows(todo):  # batched SAM2 encoder and tagger: an equal share each (fixed input size)
+                encoded = batch_or_each(self._encode, images, todo, batch, "semantic")
+                new_tags = batch_or_each(self.tagger, images, todo, batch, "semantic")
             for k, i in enumerate(todo):
                 if encoded[k] is not None and new_tags[k] is not None:
                     tokens[i], tags[i] = encoded[k], new_tags[k]

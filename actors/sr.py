@@ -12,7 +12,7 @@ from srmodel.loader import load_upscaler
 from srmodel.seeds import seed_for
 from srmodel.upscaler import SRRequest
 
-from .batch import EMPTY_IMAGE, ensure_status_columns, fail, ok_rows, size, timed
+from .batch import EMPTY_IMAGE, StageTimer, ensure_status_columns, fail, ok_rows, size
 from .device import pick_device, use_cpu_threads
 
 
@@ -49,8 +49,8 @@ class SRStage:
         n = size(batch)
         seeds = [seed_for(str(i), self.base_seed) for i in batch["image_id"]]
         out = [EMPTY_IMAGE] * n
-        with timed(batch, "sr"):
-            rows = []
+        with StageTimer(batch, "sr") as timer:
+            rows, pixels = [], []
             for i in ok_rows(batch):
                 h, w = np.asarray(batch["image"][i]).shape[:2]
                 out_w, out_h = self.upscaler.plan(w, h).out_size
@@ -59,13 +59,18 @@ class SRStage:
                          f"{self.max_output_pixels}; raise it or downscale the input", "TooLarge")
                 else:
                     rows.append(i)
+                    pixels.append(out_w * out_h)
             try:
-                results = self.upscaler.upscale([self._request(batch, i, seeds[i]) for i in rows])
+                # One batched forward: its time is shared by output pixels (the work each image brought).
+                with timer.rows(rows, pixels):
+                    results = self.upscaler.upscale([self._request(batch, i, seeds[i]) for i in rows])
             except Exception:  # noqa: BLE001 - isolate the image that fails; the others still finish
+                timer.ms[rows] = np.nan  # the failed forward's time belongs to no image
                 results = []
                 for i in rows:
                     try:
-                        results.append(self.upscaler.upscale([self._request(batch, i, seeds[i])])[0])
+                        with timer.rows([i]):
+                            results.append(self.upscaler.upscale([self._request(batch, i, seeds[i])])[0])
                     except Exception as err:  # noqa: BLE001
                         fail(batch, i, "sr", err)
                         results.append(EMPTY_IMAGE)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from cluster.storage import StorageConfig, is_remote, join, write_bytes_atomic
 
-from .batch import ensure_status_columns, fail, ok_rows, size, timed
+from .batch import StageTimer, ensure_status_columns, fail, ok_rows, size
 
 FORMATS = {"png": "PNG", "webp": "WEBP", "jpeg": "JPEG"}
 HEAVY = ("image", "sr_image", "tokens", "bytes")
@@ -40,12 +40,13 @@ class WriteStage:
         batch = ensure_status_columns(batch)
         n = size(batch)
         uris, widths, heights = [""] * n, [0] * n, [0] * n
-        with timed(batch, "encode"):
+        with StageTimer(batch, "encode") as timer:
             for i in ok_rows(batch):
                 img = np.asarray(batch["sr_image"][i], dtype=np.uint8)
                 uri = join(self.dst, str(batch["dst_key"][i]))
                 try:
-                    write_bytes_atomic(uri, encode_image(img, self.fmt, self.quality), self.storage)
+                    with timer.rows([i]):
+                        write_bytes_atomic(uri, encode_image(img, self.fmt, self.quality), self.storage)
                 except Exception as err:  # noqa: BLE001 - this image's record, not the job's end
                     fail(batch, i, "write", f"cannot write {uri}: {err}", type(err).__name__)
                     continue

@@ -1,10 +1,16 @@
 """`ugcsr build-trainset`: HR images (and official HR/LR pairs) -> degraded training pairs as Parquet shards.
 
-Work is cut into shards of whole degradation groups (the paper preset draws
-its branch/resize/noise choices once per group of 10). A shard is computed
-from its units and seeds alone, so the same --seed gives byte-identical shards
-whatever the number of workers; a shard already present in DST is skipped on
-a re-run (resume). Bad inputs become rows of DST/_manifest/, never a failed job.
+Each unit (one crop of one image) goes to the shard given by a hash of its
+unit_id, so adding files to SRC changes only the shards that receive new units.
+Within a shard, units sorted by unit_id form the degradation groups (the paper
+preset draws its branch/resize/noise choices once per group of 10); group seeds
+hash the group's first unit_id. A shard is computed from its units and seeds
+alone, so the same --seed gives byte-identical shards whatever the number of
+workers. A re-run skips a shard only when its manifest covers exactly its
+planned units without errors (a partial shard of a --limit run, or one with
+error rows, is rebuilt). The settings that shape the data are hashed into
+DST/_state/settings.json and every shard's metadata; another setting into the
+same DST is refused. Bad inputs become rows of DST/_manifest/, never a failed job.
 """
 
 from __future__ import annotations
@@ -55,7 +61,8 @@ class TrainsetJob(BaseModel):
     )
     min_pixels: int = Field(384 * 384, ge=1, description="smaller HR images are skipped (as released)")
     min_file_bytes: int = Field(100_000, ge=0, description="smaller files are skipped (as released)")
-    groups_per_shard: int = Field(4, ge=1)
+    shards: int = Field(256, ge=1, description="hash buckets the crops are spread over (a dataset keeps its count); "
+                                               "raise it for corpora over ~100k crops to keep shards near 200 MB")
     workers: int | None = Field(None, ge=1, description="concurrent shard tasks (default: Ray decides)")
     limit: int | None = Field(None, ge=1)
     storage: StorageConfig = StorageConfig()
@@ -73,6 +80,13 @@ class TrainsetJob(BaseModel):
         if v is None or is_remote(v):
             return v
         return os.path.abspath(os.path.expanduser(v.removeprefix("file://")))
+
+    def settings(self) -> dict:
+        """The settings that shape the shards' bytes (not where they go or how many workers build them)."""
+        return self.model_dump(mode="json", exclude={"dst", "storage", "address", "workers", "limit"})
+
+    def settings_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.settings(), sort_keys=True).encode()).hexdigest()[:16]
 
     @field_validator("mix")
     @classmethod
@@ -96,7 +110,7 @@ def _images(root: str, storage: StorageConfig) -> list[str]:
 
 
 def list_units(job: TrainsetJob) -> list[dict]:
-    """Every crop to make, in a fixed order (the order defines groups, shards and seeds)."""
+    """Every crop to make, ordered by (shard, unit_id); shard and seeds depend on the unit alone, not its position."""
     units = []
     for uri in _images(job.src, job.storage):
         for k in range(job.mix.get("lsdir", 0)):
@@ -109,11 +123,11 @@ def list_units(job: TrainsetJob) -> list[dict]:
             for source in ("official_pairs", "official_pairs_deg"):
                 for k in range(job.mix.get(source, 0)):
                     units.append({"source": source, "src_uri": uri, "lr_uri": lr_uri, "crop_index": k})
-    units = units[: job.limit] if job.limit else units
-    for i, u in enumerate(units):
-        u["index"] = i
+    for u in units:
         u["unit_id"] = hashlib.sha256(f"{u['source']}|{u['src_uri']}|{u['crop_index']}".encode()).hexdigest()[:32]
-    return units
+        u["shard"] = _hash_int("shard", u["unit_id"]) % job.shards
+    units.sort(key=lambda u: (u["shard"], u["unit_id"]))
+    return units[: job.limit] if job.limit else units  # a limit takes whole shards first (the last may be partial)
 
 
 def shard_path(job: TrainsetJob, shard: int) -> str:
@@ -179,6 +193,9 @@ def build_shard(batch: dict, job: dict) -> dict:
     cfg = get_degrade_preset(job.preset)
     s = cfg.scale
     rows, manifest, prepared = [], [], []
+    units.sort(key=lambda u: u["unit_id"])
+    for k, u in enumerate(units):  # groups of choice_group consecutive unit_ids; the seed hashes the first one
+        u["group"] = units[k - k % cfg.choice_group]["unit_id"]
     for u in units:
         record = {"unit_id": u["unit_id"], "src_uri": u["src_uri"], "source": u["source"], "shard": shard}
         try:
@@ -210,12 +227,12 @@ def build_shard(batch: dict, job: dict) -> dict:
             prepared.append((u, record, gt, lr_official, {"crop_x": x, "crop_y": y, "flip": flip}))
         except Exception as err:  # noqa: BLE001 - one bad image is a row, not a failed job
             manifest.append({**record, "status": "error", "error_type": type(err).__name__, "error_message": str(err)[:2000]})
-    # Degradation groups: units with the same index // choice_group share the group draws.
-    groups: dict[int, list] = {}
+    # Degradation groups share the group draws (the paper preset's per-batch quirk).
+    groups: dict[str, list] = {}
     for item in prepared:
-        groups.setdefault(item[0]["index"] // cfg.choice_group, []).append(item)
-    for gidx, items in sorted(groups.items()):
-        seed = _hash_int(job.seed, "group", gidx)
+        groups.setdefault(item[0]["group"], []).append(item)
+    for gkey, items in sorted(groups.items()):
+        seed = _hash_int(job.seed, "group", gkey)
         to_degrade = [it for it in items if it[3] is None]
         if to_degrade:
             target, lr, params = degrade_group(torch.stack([it[2] for it in to_degrade]), cfg, seed)
@@ -234,8 +251,11 @@ def build_shard(batch: dict, job: dict) -> dict:
                          "seed": seed, "src_uri": u["src_uri"]})
             manifest.append({**record, "status": "ok", "error_type": None, "error_message": None})
     rows.sort(key=lambda r: r["unit_id"])
-    _write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), shard_path(job, shard), job.storage)
-    _write_table(pa.Table.from_pylist(manifest, schema=MANIFEST_SCHEMA), manifest_path(job, shard), job.storage)
+    meta = {"settings_hash": job.settings_hash()}
+    _write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA.with_metadata(meta)), shard_path(job, shard), job.storage)
+    # The manifest is written last: it marks the shard complete for a re-run.
+    _write_table(pa.Table.from_pylist(manifest, schema=MANIFEST_SCHEMA.with_metadata(meta)), manifest_path(job, shard),
+                 job.storage)
     status = Counter(m["status"] for m in manifest)
     return {"shard": [shard], "ok": [status["ok"]], "error": [status["error"]], "skipped": [status["skipped"]]}
 
@@ -257,29 +277,76 @@ def _write_table(table: pa.Table, uri: str, storage: StorageConfig) -> None:
 # ---------------------------------------------------------------- the job (driver)
 
 
+def _shard_done(job: TrainsetJob, shard: int, units: list[dict]) -> bool:
+    """Complete: shard and manifest present, the manifest covers exactly these units, none in error."""
+    fs, path = filesystem(manifest_path(job, shard), job.storage)
+    if not (fs.exists(path) and fs.exists(filesystem(shard_path(job, shard), job.storage)[1])):
+        return False
+    try:
+        table = pq.read_table(io.BytesIO(fs.cat_file(path)), columns=["unit_id", "status"])
+    except Exception:  # noqa: BLE001 - an unreadable manifest means: build the shard again
+        return False
+    return ("error" not in table["status"].to_pylist()
+            and sorted(table["unit_id"].to_pylist()) == sorted(u["unit_id"] for u in units))
+
+
 def plan_shards(job: TrainsetJob) -> tuple[dict[int, list[dict]], list[int]]:
+    shards: dict[int, list[dict]] = {}
+    for u in list_units(job):
+        shards.setdefault(u["shard"], []).append(u)
+    return shards, [s for s in sorted(shards) if _shard_done(job, s, shards[s])]
+
+
+def settings_uri(job: TrainsetJob) -> str:
+    return join(job.dst, "_state", "settings.json")
+
+
+def check_settings(job: TrainsetJob, *, write: bool) -> None:
+    """Refuse to mix shards of other settings into DST (the card would describe data that is not there)."""
+    uri = settings_uri(job)
+    fs, path = filesystem(uri, job.storage)
+    if fs.exists(path):
+        stored = json.loads(fs.cat_file(path))
+        if stored.get("settings_hash") != job.settings_hash():
+            old, new = stored.get("settings", {}), job.settings()
+            diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                             if old.get(k) != new.get(k))
+            raise ValueError(f"DST {job.dst} holds a dataset built with other settings ({diff}); "
+                             "use another DST, or the settings it was built with")
+        return
+    if write:
+        body = {"settings_hash": job.settings_hash(), "settings": job.settings()}
+        write_bytes_atomic(uri, json.dumps(body, indent=2, sort_keys=True).encode(), job.storage)
+
+
+def plan(job: TrainsetJob) -> dict:
+    """What a run would do (the dry run): counts only; loads no model, writes nothing."""
     from srmodel.degrade import get_degrade_preset
 
-    units = list_units(job)
-    per_shard = get_degrade_preset(job.preset).choice_group * job.groups_per_shard
-    shards: dict[int, list[dict]] = {}
-    for u in units:
-        shards.setdefault(u["index"] // per_shard, []).append(u)
-    fs, _ = filesystem(job.dst, job.storage)
-    done = [s for s in shards if fs.exists(filesystem(shard_path(job, s), job.storage)[1])
-            and fs.exists(filesystem(manifest_path(job, s), job.storage)[1])]
-    return shards, done
+    get_degrade_preset(job.preset)
+    check_settings(job, write=False)
+    shards, done = plan_shards(job)
+    units = [u for s in shards.values() for u in s]
+    return {"crops": len(units), "by_source": dict(Counter(u["source"] for u in units)), "shards": len(shards),
+            "shards_done": len(done), "shards_to_build": len(shards) - len(done),
+            "crops_to_build": sum(len(shards[s]) for s in shards if s not in done),
+            "settings_hash": job.settings_hash()}
 
 
-def run_build_trainset(job: TrainsetJob, *, num_cpus: int | None = None, on_shard=None) -> dict:
+def run_build_trainset(job: TrainsetJob, *, num_cpus: int | None = None, on_shard=None, on_plan=None) -> dict:
+    """Build the missing shards; `on_plan(crops_to_build, shards_to_build)` before, `on_shard(batch)` per shard."""
     from srmodel.degrade import get_degrade_preset
 
     started = time.perf_counter()
     get_degrade_preset(job.preset)  # an unknown preset fails before any work
+    check_settings(job, write=False)
     shards, done = plan_shards(job)
     todo = [s for s in sorted(shards) if s not in done]
+    if on_plan:
+        on_plan(sum(len(shards[s]) for s in todo), len(todo))
     totals = Counter()
     if todo:
+        check_settings(job, write=True)
         ray_runtime.connect(job.address, num_cpus=num_cpus)
         import ray.data
         from ray.data import TaskPoolStrategy
@@ -296,8 +363,25 @@ def run_build_trainset(job: TrainsetJob, *, num_cpus: int | None = None, on_shar
             if on_shard:
                 on_shard(batch)
     card = dataset_card(job)
-    return {"shards": len(shards), "shards_skipped": len(done), "processed": dict(totals),
-            "wall_s": round(time.perf_counter() - started, 3), "card": card}
+    summary = {"shards": len(shards), "shards_skipped": len(done), "processed": dict(totals),
+               "wall_s": round(time.perf_counter() - started, 3), "by_branch": card["by_branch"], "card": card}
+    if card.get("note"):
+        summary["note"] = card["note"]
+    return summary
+
+
+def branch_note(job: TrainsetJob, branches: Counter) -> str | None:
+    """Why a small trial may show no degradation at all (the paper preset draws the branch per group)."""
+    from srmodel.degrade import get_degrade_preset
+
+    drawn = {b: n for b, n in branches.items() if not b.endswith("/official")}
+    if not drawn or any(b.endswith("/degrade") for b in drawn):
+        return None
+    group = get_degrade_preset(job.preset).choice_group
+    per = f"once per group of {group} crops" if group > 1 else "per crop"
+    return (f"all {sum(drawn.values())} degraded-source crops drew the clean (bicubic-only) branch: preset "
+            f"{job.preset!r} draws the branch {per}, so a trial this small can show no degradation; "
+            "use more images, or --preset realesrgan to see degradations on a few")
 
 
 def dataset_card(job: TrainsetJob) -> dict:
@@ -322,8 +406,12 @@ def dataset_card(job: TrainsetJob) -> dict:
     for path in sorted(fs.glob(root.rstrip("/") + "/_manifest/shard-*.parquet")):
         for st, et in zip(*pq.read_table(io.BytesIO(fs.cat_file(path)), columns=["status", "error_type"]).to_pydict().values()):
             status[st if st == "ok" else f"{st}:{et}"] += 1
-    card = {"preset": job.preset, "seed": job.seed, "crop": job.crop, "mix": job.mix, "pairs": sum(sources.values()),
+    card = {"preset": job.preset, "seed": job.seed, "crop": job.crop, "mix": job.mix,
+            "settings_hash": job.settings_hash(), "pairs": sum(sources.values()),
             "by_source": dict(sources), "by_branch": dict(branches), "by_status": dict(status),
             "histograms": {k: dict(sorted(v.items())) for k, v in hist.items()}}
+    note = branch_note(job, branches)
+    if note:
+        card["note"] = note
     write_bytes_atomic(join(job.dst, "dataset_card.json"), json.dumps(card, indent=2).encode(), job.storage)
     return card

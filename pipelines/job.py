@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -41,14 +42,17 @@ class UpscaleJob(BaseModel):
     model: ModelConfig
     storage: StorageConfig = StorageConfig()
     resources: ResourcesConfig = ResourcesConfig()
-    format: str = Field("png", pattern="^(png|webp|jpeg)$")
+    format: Literal["png", "webp", "jpeg"] = "png"  # a Literal: errors list the allowed values
     quality: int = Field(95, ge=1, le=100)
     limit: int | None = Field(None, ge=1)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="larger inputs get an error row")
     max_output_pixels: int = Field(
         256_000_000, ge=1, description="images whose output would be larger get an error row (bounded memory)"
     )
-    relist: bool = Field(False, description="list SRC again instead of reusing DST/_state/listing.parquet")
+    relist: bool | None = Field(
+        None, description="list SRC again instead of reusing DST/_state/listing.parquet; "
+                          "None: local folders are listed on every run (cheap), remote prefixes once"
+    )
     base_seed: int = 0
     address: str | None = None
     cache_semantic: str | None = Field(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import os
 import posixpath
@@ -11,7 +12,7 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cluster.storage import StorageConfig, filesystem, is_local, join, read_bytes, uri_of, write_bytes_atomic
+from cluster.storage import StorageConfig, filesystem, is_local, is_remote, join, read_bytes, uri_of, write_bytes_atomic
 from srmodel.seeds import image_id_from_uri
 
 from .paths import IMAGE_EXTENSIONS, output_key
@@ -85,14 +86,19 @@ def listing_uri(dst: str) -> str:
 
 
 def list_inputs(
-    src: str, dst: str, storage: StorageConfig, fmt: str, *, save: bool = True, relist: bool = False
+    src: str, dst: str, storage: StorageConfig, fmt: str, *, save: bool = True, relist: bool | None = None
 ) -> tuple[pa.Table, bool]:
     """The job's inputs, and whether they came from the listing cached by an earlier run.
 
     A folder/prefix is listed once; the result is kept under DST/_state/ so a
     resumed run over a huge prefix does not list it again (`relist` forces a
     new listing, e.g. after adding files). List files are read every time.
+    `relist=None`: local folders are listed every time (cheap, and new files
+    are never missed); remote prefixes reuse the cached listing. The listing's
+    schema metadata holds `listed_at` (UTC, ISO 8601) for the CLI's notice.
     """
+    if relist is None:
+        relist = not is_remote(src)
     if _is_list_file(src):
         return _from_list_file(src, storage, fmt), False
     cached = listing_uri(dst)
@@ -103,7 +109,8 @@ def list_inputs(
         if meta.get(b"src") == src.encode() and meta.get(b"format") == fmt.encode():
             return table, True
     table = _from_folder(src, storage, fmt, dst)
-    table = table.replace_schema_metadata({"src": src, "format": fmt})
+    listed_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    table = table.replace_schema_metadata({"src": src, "format": fmt, "listed_at": listed_at})
     if not save:
         return table, False
     buf = io.BytesIO()

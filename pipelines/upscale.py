@@ -29,6 +29,7 @@ from srmodel.loader import resolve
 from .job import UpscaleJob
 from .listing import list_inputs
 from .manifest import STAGES, ManifestWriter, done_ids, rows_from_batch
+from .paths import IMAGE_EXTENSIONS
 
 
 @dataclass
@@ -64,6 +65,9 @@ def plan_pools(job: UpscaleJob, gpus: float) -> dict:
 
 def make_plan(job: UpscaleJob, gpus: float = 0.0, *, save_listing: bool = True) -> Plan:
     listing, cached = list_inputs(job.src, job.dst, job.storage, job.format, save=save_listing, relist=job.relist)
+    if not len(listing):
+        raise FileNotFoundError(f"SRC {job.src} holds no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}); "
+                                "nothing to do")
     done = done_ids(job.dst, job.storage, job.params_hash())
     todo = listing.filter(pc.invert(pc.is_in(listing["image_id"], value_set=done))) if len(done) else listing
     skipped = len(listing) - len(todo)
@@ -80,13 +84,14 @@ def build_dataset(job: UpscaleJob, todo: pa.Table, pools: dict):
     r = job.resources
     k = r.rows_per_block
     blocks = [todo.slice(i, k) for i in range(0, len(todo), k)]
+    io_tasks = min(r.io_tasks, len(blocks))  # more tasks than blocks only earns Ray a warning
     model = job.model.model_dump(mode="json")
     storage = job.storage.model_dump(mode="json")
     ds = ray.data.from_arrow(blocks)
     # IO stages are cheap to construct: run them as tasks in Ray's pooled workers (Ray Data fuses
     # read+decode into one task) instead of starting more actor processes.
     ds = ds.map_batches(io.read_decode, fn_kwargs={"storage": storage, "max_pixels": job.max_pixels},
-                        batch_size=r.io_batch, num_cpus=pools["io_cpus"], compute=TaskPoolStrategy(size=r.io_tasks))
+                        batch_size=r.io_batch, num_cpus=pools["io_cpus"], compute=TaskPoolStrategy(size=io_tasks))
     ds = ds.map_batches(SemanticStage, fn_constructor_kwargs={"config": model, "cpu_threads": pools.get("cpu_threads"),
                                                                "cache_uri": job.cache_semantic, "storage": storage},
                         batch_size=r.semantic_batch, compute=ActorPoolStrategy(size=pools["semantic_actors"]),
@@ -97,7 +102,7 @@ def build_dataset(job: UpscaleJob, todo: pa.Table, pools: dict):
                         batch_size=r.sr_batch, compute=ActorPoolStrategy(size=pools["sr_actors"]),
                         num_gpus=pools["sr_gpus"], num_cpus=pools["sr_cpus"])
     ds = ds.map_batches(io.write, fn_kwargs={"dst": job.dst, "fmt": job.format, "quality": job.quality, "storage": storage},
-                        batch_size=r.io_batch, num_cpus=pools["io_cpus"], compute=TaskPoolStrategy(size=r.io_tasks))
+                        batch_size=r.io_batch, num_cpus=pools["io_cpus"], compute=TaskPoolStrategy(size=io_tasks))
     return ds
 
 

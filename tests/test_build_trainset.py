@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from inputs import rng_image
-from pipelines.build_trainset import SHARD_SCHEMA, TrainsetJob, run_build_trainset
+from pipelines.build_trainset import SHARD_SCHEMA, TrainsetJob, plan, run_build_trainset
 
 
 def make_hr(folder, n=7):
@@ -23,7 +23,7 @@ def make_hr(folder, n=7):
 
 def job(src, dst, **kw):
     return TrainsetJob.model_validate({"src": str(src), "dst": str(dst), "crop": 32, "min_pixels": 40 * 30,
-                                       "min_file_bytes": 0, "groups_per_shard": 1, **kw})
+                                       "min_file_bytes": 0, "shards": 4, **kw})
 
 
 def shard_bytes(dst):
@@ -55,6 +55,7 @@ def test_shards_schema_bad_inputs_and_card(ray_local, tmp_path):
 
 def test_same_seed_same_bytes_on_one_or_two_workers_and_resume(ray_local, tmp_path):
     src = make_hr(tmp_path / "hr", n=12)
+    (src / "broken.png").unlink()  # a shard with an error row is retried on every run; this test is about the others
     one, two = tmp_path / "one", tmp_path / "two"
     run_build_trainset(job(src, one, workers=1, seed=5))
     run_build_trainset(job(src, two, workers=2, seed=5))
@@ -122,3 +123,96 @@ def test_prompts_from_a_configured_tagger(ray_local, tmp_path, tiny_model):
     rows = [r for t in shard_bytes(dst).values() for r in t]
     assert len(rows) == 3 and all(r["prompt"].endswith(",") for r in rows)
     assert any(len(r["prompt"]) > 1 for r in rows)
+
+
+# ---------------------------------------------------------------- settings that stick, shards that are honest
+
+
+def test_another_seed_into_the_same_dst_is_refused(ray_local, tmp_path):
+    src = make_hr(tmp_path / "hr", n=3)
+    dst = tmp_path / "out"
+    run_build_trainset(job(src, dst, seed=1))
+    stored = json.loads((dst / "_state" / "settings.json").read_text())
+    assert stored["settings_hash"] == job(src, dst, seed=1).settings_hash()
+    assert all(pq.read_schema(p).metadata[b"settings_hash"] == stored["settings_hash"].encode()
+               for p in dst.glob("shard-*.parquet"))
+    before = shard_bytes(dst)
+    with pytest.raises(ValueError, match=r"other settings \(seed: 1 -> 2\); use another DST"):
+        run_build_trainset(job(src, dst, seed=2))
+    assert shard_bytes(dst) == before and json.loads((dst / "dataset_card.json").read_text())["seed"] == 1
+    # what does not shape the data (workers, limit, where Ray runs) may change
+    run_build_trainset(job(src, dst, seed=1, workers=1))
+
+
+def test_shards_depend_on_the_unit_not_its_position(ray_local, tmp_path):
+    """Adding a file rebuilds only the shard it lands in; every other shard keeps its bytes and is skipped."""
+    src = make_hr(tmp_path / "hr", n=6)
+    (src / "broken.png").unlink()  # its shard would be retried (error rows), which is not what this test is about
+    dst = tmp_path / "out"
+    run_build_trainset(job(src, dst, shards=8))
+    before = shard_bytes(dst)
+    rng_image(56, 48, 77).save(src / "000_new.png")  # sorts first: every later position would shift
+    planned = plan(job(src, dst, shards=8))
+    assert planned["shards_to_build"] == 1 and planned["crops_to_build"] >= 1
+    summary = run_build_trainset(job(src, dst, shards=8))
+    assert summary["shards_skipped"] == summary["shards"] - 1
+    after = shard_bytes(dst)
+    changed = [name for name in after if after[name] != before.get(name)]
+    assert len(changed) == 1 and any(r["src_uri"].endswith("000_new.png") for r in after[changed[0]])
+
+
+def test_partial_and_failed_shards_are_rebuilt(ray_local, tmp_path):
+    src = make_hr(tmp_path / "hr", n=6)
+    dst = tmp_path / "out"
+    first = run_build_trainset(job(src, dst, shards=1, limit=3))  # one shard, 3 of its 8 units
+    assert sum(first["processed"].values()) == 3
+    assert plan(job(src, dst, shards=1))["shards_to_build"] == 1, "a --limit run's partial shard is not done"
+    full = run_build_trainset(job(src, dst, shards=1))
+    assert full["shards_skipped"] == 0 and full["processed"] == {"ok": 6, "error": 1, "skipped": 1}
+    # the shard holding broken.png has an error row: a re-run retries it, and once the file is fixed it is done
+    assert plan(job(src, dst, shards=1))["shards_to_build"] == 1
+    rng_image(48, 40, 50).save(src / "broken.png")
+    again = run_build_trainset(job(src, dst, shards=1))
+    assert again["processed"] == {"ok": 7, "error": 0, "skipped": 1}
+    assert plan(job(src, dst, shards=1))["shards_to_build"] == 0
+
+
+def test_dry_run_writes_nothing(tmp_path):
+    src = make_hr(tmp_path / "hr", n=4)
+    dst = tmp_path / "out"
+    planned = plan(job(src, dst, mix={"lsdir": 2}))
+    assert planned["crops"] == 12 and planned["by_source"] == {"lsdir": 12} and planned["shards_done"] == 0
+    assert planned["crops_to_build"] == 12 and not dst.exists()
+
+
+def test_branch_counts_and_the_small_trial_note():
+    from collections import Counter
+
+    from pipelines.build_trainset import branch_note
+
+    j = TrainsetJob(src="/x", dst="/y")
+    note = branch_note(j, Counter({"lsdir/clean": 3, "official_pairs/official": 2}))
+    assert "all 3 degraded-source crops drew the clean" in note and "group of 10" in note and "realesrgan" in note
+    assert branch_note(j, Counter({"lsdir/clean": 3, "lsdir/degrade": 1})) is None
+
+
+def test_cli_progress_dry_run_and_fail_on_error(ray_local, tmp_path):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    src = make_hr(tmp_path / "hr", n=3)
+    dst = tmp_path / "out"
+    args = ["build-trainset", str(src), str(dst), "--crop", "32", "--shards", "2", "--config", str(tmp_path / "c.yaml")]
+    (tmp_path / "c.yaml").write_text("min_pixels: 1200\nmin_file_bytes: 0\n")
+    out = CliRunner().invoke(app, [*args, "--dry-run"])
+    assert out.exit_code == 0 and json.loads(out.stdout)["crops"] == 5 and not dst.exists()
+    out = CliRunner().invoke(app, [*args, "--fail-on-error"])
+    assert out.exit_code == 1, out.output
+    assert "building 2 shard(s) of 5 crop(s)" in out.stderr and "5/5 crops" in out.stderr and "1 failed" in out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["processed"] == {"ok": 3, "error": 1, "skipped": 1} and sum(summary["by_branch"].values()) == 3
+    out = CliRunner().invoke(app, args)  # the failed shard is retried; without --fail-on-error the exit is 0
+    assert out.exit_code == 0 and json.loads(out.stdout)["processed"]["error"] == 1
+    out = CliRunner().invoke(app, [*args, "--seed", "3"])
+    assert out.exit_code == 3 and "other settings (seed: 0 -> 3)" in out.stderr

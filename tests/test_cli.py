@@ -39,7 +39,7 @@ def test_readme_main_command_on_samples(tmp_path, tiny_model, monkeypatch):
 def test_cli_rejects_bad_options(tmp_path):
     proc = subprocess.run(["ugcsr", "upscale", str(ROOT / "samples"), str(tmp_path), "--preset", "nope"],
                           capture_output=True, text=True)
-    assert proc.returncode != 0 and "unknown preset" in proc.stderr
+    assert proc.returncode == 2 and "'--preset'" in proc.stderr and "'nope' is not one of" in proc.stderr
     proc = subprocess.run(["ugcsr", "upscale", str(ROOT / "samples"), str(tmp_path), "--preset", "wild",
                            "--weights", str(tmp_path / "missing")], capture_output=True, text=True)
     assert proc.returncode != 0 and "missing" in proc.stderr

@@ -58,7 +58,7 @@ def test_pairing_by_path_then_stem_with_strip():
 def test_evaluate_names_a_missing_folder(tmp_path):
     (tmp_path / "sr").mkdir()
     result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "sr"), str(tmp_path / "nope")])
-    assert result.exit_code == 2 and "nope is not a folder/prefix of images" in " ".join(result.output.split())
+    assert result.exit_code == 3 and "nope is not a folder/prefix of images" in " ".join(result.output.split())
 
 
 def test_evaluate_an_upscale_run(evaluated):

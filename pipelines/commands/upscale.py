@@ -1,0 +1,176 @@
+"""`ugcsr upscale SRC DST`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal, Optional
+
+import typer
+
+from .common import EXIT_ITEMS_FAILED, check_dst, given, load_config, merge, ray_log_dir, run_command
+
+# Spelled out here so that --help needs no torch; tests/test_cli_ux.py checks them against srmodel.
+PRESETS = Literal["wild", "synthetic", "tiny"]
+DTYPES = Literal["fp32", "fp16", "bf16"]
+
+# Which parameter sets which job field: errors in a value given on the command line name the option.
+OPTION_OF = {
+    ("src",): "src", ("dst",): "dst", ("address",): "address", ("limit",): "limit", ("format",): "fmt",
+    ("relist",): "relist", ("cache_semantic",): "cache_semantic", ("storage", "endpoint_url"): "endpoint_url",
+    ("model", "sampler", "upscale"): "scale", ("model", "dtype"): "dtype", ("model", "geometry"): "geometry",
+    ("model", "sampler", "prompt_source"): "prompt_source", ("model", "sampler", "fixed_tags"): "tags",
+    ("model", "sampler", "user_prompt"): "prompt",
+}
+
+
+def released_source(weights: Path):
+    """The README's layout: WEIGHTS/{stable-diffusion-2-base, checkpoint-90000, sam2.1_hiera_tiny.pt, RAM, DAPE}."""
+    from srmodel.config import ModelSource
+
+    ram, dape = weights / "ram_swin_large_14m.pth", weights / "DAPE.pth"
+    src = ModelSource(
+        sd_base=str(weights / "stable-diffusion-2-base"),
+        seesr=str(weights / "checkpoint-90000"),
+        sam2_checkpoint=str(weights / "sam2.1_hiera_tiny.pt"),
+        ram=str(ram) if ram.exists() else None,
+        dape=str(dape) if dape.exists() else None,
+    )
+    for path in (src.sd_base, src.seesr, src.sam2_checkpoint):
+        if not Path(path).exists():
+            raise typer.BadParameter(f"{path} is missing; WEIGHTS must hold the released files (see README)",
+                                     param_hint="'--weights'")
+    return src
+
+
+def with_seesr(model: dict, seesr: Path) -> dict:
+    """The model with unet/ and controlnet/ from `seesr` (the other parts as the preset or --weights give them)."""
+    from srmodel.loader import resolve
+    from srmodel.presets import get_preset
+
+    for sub in ("unet", "controlnet"):
+        if not (seesr / sub / "config.json").is_file():
+            raise typer.BadParameter(f"{seesr} has no {sub}/config.json; expected a folder with unet/ and "
+                                     "controlnet/ as released (or RUN/export/checkpoint-N)", param_hint="'--seesr'")
+    if model.get("source") is None and model["name"] != "tiny":
+        raise typer.BadParameter(f"--seesr replaces unet/ and controlnet/ only: preset {model['name']!r} also needs "
+                                 "--weights (SD-2-base, SAM2, RAM)", param_hint="'--seesr'")
+    if model.get("source") is None:  # tiny: its own folder supplies everything else
+        model = resolve(get_preset(model["name"])).model_dump(mode="json")
+    folder = str(seesr.resolve())
+    # The revision is part of the params hash: outputs of other weights are never taken as done.
+    model["source"] = {**model["source"], "seesr": folder, "revision": f"seesr:{folder}"}
+    return model
+
+
+def upscale(
+    src: str = typer.Argument(..., metavar="SRC",
+                              help="folder, s3://bucket/prefix (any fsspec URL), or a .parquet/.txt list of URIs"),
+    dst: str = typer.Argument(..., metavar="DST", help="output folder or prefix (images + _manifest/)"),
+    preset: Optional[PRESETS] = typer.Option(
+        None, help="wild (x1, CFG 8.5) | synthetic (x4) need --weights; tiny (random weights, for trials) is the "
+                   "default without --weights"),
+    weights: Optional[Path] = typer.Option(None, help="folder with the released weights (README); needs --preset"),
+    seesr: Optional[Path] = typer.Option(None, help="folder with unet/ and controlnet/ used instead of the preset's or "
+                                         "--weights' checkpoint (e.g. RUN/export/checkpoint-N of `ugcsr train`)"),
+    geometry: Optional[Literal["release", "exact-size"]] = typer.Option(
+        None, help="image path around the model: release (the authors' resizes and rounding, default) | exact-size "
+                   "(exact aspect, pad and crop); see docs/model.md"),
+    config: Optional[Path] = typer.Option(None, help="job YAML (examples/upscale.yaml); options given here override it"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address; default: an embedded local Ray"),
+    scale: Optional[int] = typer.Option(None, help="upscale factor, 1-16 (default: the preset's)"),
+    dtype: Optional[DTYPES] = typer.Option(None, help="default: the preset's"),
+    fmt: Optional[Literal["png", "webp", "jpeg"]] = typer.Option(None, "--format", help="output format [default: png]"),
+    endpoint_url: Optional[str] = typer.Option(None, help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)"),
+    limit: Optional[int] = typer.Option(None, help="process at most N (>= 1) images this run"),
+    relist: Optional[bool] = typer.Option(
+        None, "--relist/--no-relist",
+        help="list SRC again / reuse DST/_state/listing.parquet [default: relist local folders, reuse remote listings]"),
+    cache_semantic: Optional[str] = typer.Option(None, help="URI to keep SAM2 tokens per image for later runs"),
+    prompt_source: Optional[Literal["tagger", "fixed"]] = typer.Option(
+        None, help="tagger: RAM+DAPE tags per image; fixed: --tags for all"),
+    tags: Optional[str] = typer.Option(None, help="the tags used with --prompt-source fixed"),
+    prompt: Optional[str] = typer.Option(None, help="user text inserted after the tags, as released"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print what would run and the pools; load no model"),
+    print_config: bool = typer.Option(False, "--print-config", help="print the effective job as YAML and exit"),
+    fail_on_error: bool = typer.Option(False, "--fail-on-error", help=f"exit {EXIT_ITEMS_FAILED} if any image failed"),
+    log_interval: float = typer.Option(30.0, min=1, help="without a terminal: seconds between progress lines"),
+) -> None:
+    """Super-resolve every image under SRC into DST, with a Parquet manifest; re-running resumes.
+
+    Exit codes: 0 done (failed images have error rows in the manifest), 1 some image failed and
+    --fail-on-error was given, 2 bad option or setting, 3 the job could not run (SRC missing or
+    empty, DST unusable, weights missing, cluster failure).
+    """
+    options = dict(locals())
+    if weights is not None and preset is None:
+        raise typer.BadParameter("--weights needs --preset wild (x1, CFG 8.5) or --preset synthetic (x4); "
+                                 "tiny is the random-weights test model", param_hint="'--preset'")
+    check_dst(dst)
+    data = load_config(config)
+    from pipelines.job import UpscaleJob
+    from pipelines.upscale import dry_run as plan_only
+    from srmodel.presets import get_preset
+
+    model = get_preset(preset or "tiny", released_source(weights) if weights else None).model_dump(mode="json")
+    if seesr is not None:
+        model = with_seesr(model, seesr)
+    sampler = given(upscale=scale, prompt_source=prompt_source, fixed_tags=tags, user_prompt=prompt)
+    data["model"] = merge(merge(model, data.get("model") or {}), given(dtype=dtype, geometry=geometry, sampler=sampler or None))
+    data.update(given(src=src, dst=dst, address=address, limit=limit, format=fmt, cache_semantic=cache_semantic,
+                      relist=relist))
+    run_command(UpscaleJob, data, option_of=OPTION_OF, options=options, config=config, endpoint_url=endpoint_url,
+                print_config=print_config, dry_run=dry_run, plan=plan_only, run=lambda job: _run(job, log_interval),
+                failures=lambda summary: summary["by_status"].get("error", 0), fail_on_error=fail_on_error)
+
+
+def _run(job, log_interval: float) -> dict:
+    from pipelines.progress import Progress
+
+    from .common import err_console, quiet_libraries, quiet_ray
+
+    console = err_console()
+    with Progress("images", interval_s=log_interval) as progress:
+        progress.starting("loading libraries (torch, Ray)")
+        quiet_libraries()
+        quiet_ray()
+        from pipelines.upscale import run_upscale
+
+        progress.starting("checking the model, listing SRC, starting Ray")
+
+        def on_plan(plan):
+            progress.note(f"{listing_note(job, plan)}; {len(plan.todo)} to process, {plan.skipped} already done")
+            progress.start(len(plan.todo))
+            p = plan.pools
+            if len(plan.todo):
+                # Ray Data reports nothing before the first batch leaves the pipeline: this phase ends there.
+                progress.starting(f"starting {p['sr_actors']} SR + {p['semantic_actors']} semantic actor(s), "
+                                  "loading models, first batch")
+
+        def on_rows(rows):
+            errors = sum(r["status"] == "error" for r in rows)
+            progress.advance(len(rows) - errors, errors)
+
+        summary = run_upscale(job, on_plan=on_plan, on_rows=on_rows)
+    logs = ray_log_dir()
+    summary_out = {**summary, "ray_logs": logs} if logs else summary
+    typer.echo(json.dumps(summary_out, indent=2))
+    failed = summary["by_status"].get("error", 0)
+    where = f"{job.dst.rstrip('/')}/_manifest"
+    if failed:
+        console.print(f"[yellow]{failed} image(s) failed: their rows in {where} say why[/yellow]")
+    console.print(f"done: {summary['processed']} processed in {summary['wall_s']:.1f} s; manifest {where}"
+                  + (f"; Ray logs {logs}" if logs else ""), soft_wrap=True)
+    return summary
+
+
+def listing_note(job, plan) -> str:
+    """How SRC was listed; a reused listing says when it was made and how to list again."""
+    meta = plan.todo.schema.metadata or {}
+    count = plan.total
+    if not plan.listing_cached:
+        return f"SRC listed: {count} image(s)"
+    made = meta.get(b"listed_at", b"an earlier run").decode()
+    return (f"reusing the listing of SRC made {made} ({count} image(s)); files added since are not seen: "
+            "add --relist to list SRC again")
+
