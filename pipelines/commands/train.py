@@ -12,8 +12,8 @@ from pydantic import ValidationError
 
 
 def train(
-    trainset: str = typer.Argument(..., help="build-trainset output: folder or s3://bucket/prefix with shard-*.parquet"),
-    run: str = typer.Argument(..., help="run folder or s3:// prefix (checkpoints, export, metrics); re-using it resumes"),
+    trainset: str = typer.Argument(..., metavar="TRAINSET", help="build-trainset output: folder or s3://bucket/prefix with shard-*.parquet"),
+    run: str = typer.Argument(..., metavar="RUN", help="run folder or s3:// prefix (checkpoints, export, metrics); re-using it resumes"),
     preset: str = typer.Option("tiny", help="model to start from (and validation sampler): tiny | wild | synthetic"),
     weights: Optional[Path] = typer.Option(None, help="folder with the released weights (not needed for tiny)"),
     init: Optional[str] = typer.Option(None, help="released (the checkpoint as is) | paper (SD-2-base UNet + its image_attentions)"),
@@ -71,7 +71,7 @@ def train(
 
 
 def train_export(
-    run: str = typer.Argument(..., help="a run folder or s3:// prefix of `ugcsr train`"),
+    run: str = typer.Argument(..., metavar="RUN", help="a run folder or s3:// prefix of `ugcsr train`"),
     step: Optional[int] = typer.Option(None, help="the checkpoint's step (default: the latest)"),
     endpoint_url: Optional[str] = typer.Option(None, help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)"),
 ) -> None:
