@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -21,18 +22,27 @@ app = typer.Typer(add_completion=False, help="Semantic-guided diffusion super-re
 console = Console(stderr=True)
 
 
-def released_source(weights: Path) -> ModelSource:
-    """The README's layout: WEIGHTS/{stable-diffusion-2-base, checkpoint-90000, sam2.1_hiera_tiny.pt}."""
-    ram, dape = weights / "ram_swin_large_14m.pth", weights / "DAPE.pth"
-    src = ModelSource(
-        sd_base=str(weights / "stable-diffusion-2-base"),
-        seesr=str(weights / "checkpoint-90000"),
-        sam2_checkpoint=str(weights / "sam2.1_hiera_tiny.pt"),
-        ram=str(ram) if ram.exists() else None,
-        dape=str(dape) if dape.exists() else None,
-    )
+def released_source(weights: str, preset: str = "wild", storage=None) -> ModelSource:
+    """The README's layout under a folder or s3:// prefix: stable-diffusion-2-base/, checkpoint-90000/, SAM2, RAM."""
+    from cluster.storage import filesystem, join
+    from srmodel.tiny import released_tiny_source
+
+    weights = weights.rstrip("/") if "://" in weights else str(Path(weights).expanduser().absolute())
+    if preset == "tiny":  # as `python -m srmodel.tiny DIR` writes it
+        src = released_tiny_source(weights)
+    else:
+        src = ModelSource(sd_base=join(weights, "stable-diffusion-2-base"), seesr=join(weights, "checkpoint-90000"),
+                          sam2_checkpoint=join(weights, "sam2.1_hiera_tiny.pt"))
+    fs, _ = filesystem(weights, storage)
+
+    def exists(uri: str) -> bool:
+        return fs.exists(filesystem(uri, storage)[1])
+
+    if preset != "tiny":  # the tagger files are optional (--prompt-source fixed needs none)
+        ram, dape = join(weights, "ram_swin_large_14m.pth"), join(weights, "DAPE.pth")
+        src = src.model_copy(update={"ram": ram if exists(ram) else None, "dape": dape if exists(dape) else None})
     for path in (src.sd_base, src.seesr, src.sam2_checkpoint):
-        if not Path(path).exists():
+        if not exists(path):
             raise typer.BadParameter(f"{path} is missing; --weights must hold the released files (see README)")
     return src
 
@@ -54,6 +64,12 @@ def main() -> None:
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    ours = logging.getLogger("ugcsr")  # the driver's own lines (plan, lease): stderr, so `ray job logs` has them
+    if not ours.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
 
 
 @app.command()
@@ -61,7 +77,7 @@ def upscale(
     src: str = typer.Argument(..., help="folder, s3://bucket/prefix (any fsspec URL), or a .parquet/.txt list of URIs"),
     dst: str = typer.Argument(..., help="output folder or prefix (images + _manifest/)"),
     preset: str = typer.Option("tiny", help=f"one of {', '.join(PRESET_NAMES)}"),
-    weights: Optional[Path] = typer.Option(None, help="folder with the released weights (not needed for tiny)"),
+    weights: Optional[str] = typer.Option(None, help="folder or s3:// prefix with the released weights (not needed for tiny)"),
     config: Optional[Path] = typer.Option(None, "--config", help="job YAML (UpscaleJob fields); options override it"),
     address: Optional[str] = typer.Option(None, help="Ray cluster address; default: an embedded local Ray"),
     scale: Optional[int] = typer.Option(None, help="override the preset's upscale factor"),
@@ -75,6 +91,8 @@ def upscale(
     tags: Optional[str] = typer.Option(None, help="the tags used with --prompt-source fixed"),
     prompt: Optional[str] = typer.Option(None, help="user text inserted after the tags, as released"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list what would run and the resources, load no model"),
+    allow_cpu: bool = typer.Option(False, "--allow-cpu", help="run a full-size preset on a cluster without GPUs"),
+    shared_fs: bool = typer.Option(False, "--shared-fs", help="local paths are on a filesystem every node mounts"),
 ) -> None:
     """Super-resolve every image under SRC into DST, with a Parquet manifest; re-running resumes."""
     from pipelines.job import UpscaleJob, load_yaml
@@ -88,10 +106,14 @@ def upscale(
         data = load_yaml(config) if config else {}
     except (OSError, ValueError, yaml.YAMLError) as err:
         raise typer.BadParameter(f"cannot read --config {config}: {err}") from err
-    model = get_preset(preset, released_source(weights) if weights else None).model_dump(mode="json")
+    if endpoint_url is not None:
+        data["storage"] = {**(data.get("storage") or {}), "endpoint_url": endpoint_url}
+    storage = _storage(data)
+    model = get_preset(preset, released_source(weights, preset, storage) if weights else None).model_dump(mode="json")
     data["model"] = _merge(model, data.get("model") or {})
     overrides = {"src": src, "dst": dst, "address": address, "limit": limit, "format": fmt,
-                 "cache_semantic": cache_semantic, "relist": relist or None}
+                 "cache_semantic": cache_semantic, "relist": relist or None, "allow_cpu": allow_cpu or None,
+                 "shared_fs": shared_fs or None}
     data.update({k: v for k, v in overrides.items() if v is not None})
     if scale is not None:
         data["model"]["sampler"]["upscale"] = scale
@@ -105,8 +127,6 @@ def upscale(
         data["model"]["sampler"]["fixed_tags"] = tags
     if prompt is not None:
         data["model"]["sampler"]["user_prompt"] = prompt
-    if endpoint_url is not None:
-        data["storage"] = {**(data.get("storage") or {}), "endpoint_url": endpoint_url}
     try:
         job = UpscaleJob.model_validate(data)
     except ValidationError as err:
@@ -121,6 +141,15 @@ def upscale(
     except (OSError, ValueError, RuntimeError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from err
+
+
+def _storage(data: dict):
+    from cluster.storage import StorageConfig
+
+    try:
+        return StorageConfig.model_validate(data.get("storage") or {})
+    except ValidationError as err:
+        raise typer.BadParameter(f"invalid storage settings: {err}") from err
 
 
 def _run(job, dst: str) -> None:
@@ -179,6 +208,11 @@ def build_trainset(
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from err
     print(json.dumps(summary, indent=2))
+
+
+from pipelines import cli_cluster  # noqa: E402 - registers `submit` and `jobs` on `app`
+
+cli_cluster.register(app)
 
 
 def run() -> None:  # pragma: no cover - console entry for `python -m pipelines.cli`
