@@ -109,11 +109,20 @@ def _quote(arg: str) -> str:
 
 
 def client(address: str | None):
-    from ray.job_submission import JobSubmissionClient
+    """A JobSubmissionClient for `address` (else $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS).
 
+    Clusters with token authentication (Ray's default since 2.5x) need the cluster's token here: from
+    $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token. Ray's client only sends it in token mode,
+    so that mode is switched on when a token is at hand and RAY_AUTH_MODE is not set (as `ray start` does).
+    """
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
     if not address:
         raise ValueError("no Ray cluster given: pass --address http://HEAD:8265 (the dashboard) or set RAY_ADDRESS")
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file()):
+        os.environ["RAY_AUTH_MODE"] = "token"  # before Ray reads its config (imported just below)
+    from ray.job_submission import JobSubmissionClient
+
     return JobSubmissionClient(address)
 
 
@@ -136,7 +145,10 @@ def next_id(base: str, attempts: list) -> str:
 
 def submit_or_attach(cl, base: str, prepared: Prepared, metadata: dict) -> tuple[str, bool]:
     """(submission id, attached?): a running job of the same family is attached to, never duplicated."""
-    for _ in range(3):
+    import time
+
+    deadline = time.monotonic() + 120
+    while True:
         attempts = family(cl.list_jobs(), base)
         running = [j for j in attempts if not j.status.is_terminal()]
         if running:
@@ -147,10 +159,11 @@ def submit_or_attach(cl, base: str, prepared: Prepared, metadata: dict) -> tuple
                           metadata=metadata, entrypoint_num_gpus=0, entrypoint_num_cpus=0)
             return sid, False
         except RuntimeError as err:
-            if "already exists" not in str(err):
+            if "No available agent" in str(err) and time.monotonic() < deadline:
+                time.sleep(2)  # a head that has just started: its job agent is not up yet
+            elif "already exists" not in str(err) or time.monotonic() > deadline:
                 raise
-            # Another submitter won the race for this id: look again and attach to it.
-    raise RuntimeError(f"could not submit or find job {base}")
+            # "already exists": another submitter won the race for this id; look again and attach to it.
 
 
 def follow(cl, sid: str, out=None) -> str:

@@ -11,9 +11,13 @@ import shutil
 import sys
 from typing import List, Optional
 
-import click
 import typer
 from rich.console import Console
+
+try:  # typer >= 0.2x vendors its own click: its usage errors are that module's
+    from typer._click import ClickException
+except ImportError:  # pragma: no cover - older typer on plain click
+    from click import ClickException
 
 console = Console(stderr=True)
 PROGRAMS = ("upscale", "build-trainset", "train")
@@ -43,7 +47,7 @@ def submit(
               f"{', '.join(p for p in PROGRAMS if p in getattr(root, 'commands', {}))}")
     try:  # the program's own option parser: a typo fails here, not on the cluster minutes later
         sub = root.commands[program].make_context(program, list(args), parent=ctx)
-    except click.ClickException as err:
+    except ClickException as err:
         _fail(f"{program}: {err.format_message()}")
     try:
         extra = dict(e.split("=", 1) for e in env)
