@@ -27,6 +27,9 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
     if ray.is_initialized():
         return "connected"
     where = target(address)
+    if where and where.startswith(("http://", "https://")):
+        raise ValueError(f"{where} is a dashboard (Ray Jobs API) address: run the command as a job with "
+                         "`ugcsr submit`, or connect with --address ray://HEAD:10001 (client) or auto (on the head)")
     if where:
         # `auto` (on a cluster node), `HOST:PORT` (the GCS) and `ray://HOST:10001` (client mode) all go here.
         ray.init(address=where, log_to_driver=False, logging_level=logging.WARNING)

@@ -272,6 +272,13 @@ def plan_shards(job: TrainsetJob) -> tuple[dict[int, list[dict]], list[int]]:
 
 
 def run_build_trainset(job: TrainsetJob, *, num_cpus: int | None = None, on_shard=None) -> dict:
+    from cluster.lease import DstLease
+
+    with DstLease(job.dst, job.storage):  # one writer per DST (docs/cluster.md)
+        return _build_leased(job, num_cpus=num_cpus, on_shard=on_shard)
+
+
+def _build_leased(job: TrainsetJob, *, num_cpus: int | None = None, on_shard=None) -> dict:
     from srmodel.degrade import get_degrade_preset
 
     started = time.perf_counter()

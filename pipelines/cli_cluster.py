@@ -19,7 +19,7 @@ try:  # typer >= 0.2x vendors its own click: its usage errors are that module's
 except ImportError:  # pragma: no cover - older typer on plain click
     from click import ClickException
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # whole lines: they end up in job logs
 PROGRAMS = ("upscale", "build-trainset", "train")
 
 

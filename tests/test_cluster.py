@@ -87,6 +87,9 @@ def test_connect_rule(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     assert ray_runtime.target(None) == "10.0.0.1:6379", "a Ray job's entrypoint joins its cluster"
     assert ray_runtime.target("ray://head:10001") == "ray://head:10001", "an explicit address wins"
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")  # set for `ugcsr submit`: not for ray.init
+    with pytest.raises(ValueError, match="ugcsr submit"):
+        ray_runtime.connect(None)
 
 
 # ---------------------------------------------------------------- the DST lease

@@ -28,8 +28,12 @@ def tiny_job(src="/in", dst="/out", **resources) -> UpscaleJob:
                                       "resources": {"sr_batch": 1, "io_batch": 2, "rows_per_block": 2, **resources}})
 
 
-def place(requests: list[tuple[float, float]], wait_s: float) -> int:
-    """Create one actor per (gpus, cpus) request in the given order; how many become ready within wait_s."""
+def place(requests: list[tuple[float, float]], wait_s: float) -> tuple[float, float]:
+    """Create one actor per (gpus, cpus) request, in the given order. Returns (GPU granted, GPU asked for).
+
+    Ray grants an actor its resources when it places it, before its worker process starts, so the
+    granted total shows placement without waiting for every process on a busy machine.
+    """
     import ray
 
     @ray.remote
@@ -37,13 +41,23 @@ def place(requests: list[tuple[float, float]], wait_s: float) -> int:
         def ready(self):
             return True
 
+    total = ray.cluster_resources()["GPU"]
+    asked = round(sum(g for g, _ in requests), 4)
     actors = [Slot.options(num_gpus=g, num_cpus=c).remote() for g, c in requests]
-    refs = [a.ready.remote() for a in actors]
-    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=wait_s)
+    deadline = time.time() + wait_s
+    granted = 0.0
+    while time.time() < deadline:
+        granted = round(total - ray.available_resources().get("GPU", 0.0), 4)
+        if granted >= asked:
+            break
+        time.sleep(0.5)
+    shape = sorted(int(n.gpus) for n in ray_runtime.alive_nodes() if n.gpus)
+    print(f"\nplacement: nodes {shape} GPUs, {len(requests)} actors asked {asked:g} GPU, granted {granted:g}")
     for a in actors:
         ray.kill(a)
-    time.sleep(1)  # let Ray return the resources before the next round
-    return len(ready)
+    while time.time() < deadline + 30 and ray.available_resources().get("GPU", 0.0) < total:
+        time.sleep(0.5)  # resources back before the next round
+    return granted, asked
 
 
 def requests_of(plan: dict) -> list[tuple[float, float]]:
@@ -66,13 +80,14 @@ def one_node_8_gpus():
 def test_one_8_gpu_node_places_every_planned_actor_and_the_old_plan_did_not(one_node_8_gpus):
     nodes = ray_runtime.alive_nodes()
     assert [(n.gpus, n.cpus) for n in nodes] == [(8, 12)]
-    # The old default: 8 SR x 0.75 + 2 semantic x 0.25. Both 0.25s land on GPU 0 and one SR never starts.
-    assert place([(0.25, 0.5)] * 2 + [(0.75, 1)] * 8, wait_s=20) == 9
+    # The old default: 8 SR x 0.75 + 2 semantic x 0.25. Both 0.25s land on GPU 0 and one SR never places.
+    assert place([(0.25, 0.5)] * 2 + [(0.75, 1)] * 8, wait_s=15) == (5.75, 6.5)
     fused = plan_pools(tiny_job(), nodes=nodes)
-    assert fused["sr_actors"] == 8 and place(requests_of(fused), wait_s=120) == 8
+    assert fused["sr_actors"] == 8 and place(requests_of(fused), wait_s=120) == (8, 8)
     split = plan_pools(tiny_job(layout="split"), nodes=nodes)
     assert (split["sr_actors"], split["semantic_actors"]) == (8, 1)
-    assert place(requests_of(split), wait_s=120) == 9
+    granted, asked = place(requests_of(split), wait_s=120)
+    assert granted == asked == 8 * split["sr_gpus"] + split["semantic_gpus"]
 
 
 @pytest.fixture
@@ -83,7 +98,7 @@ def mixed_cluster(tiny_cache):
 
     if ray.is_initialized():
         ray.shutdown()
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0})
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0, "include_dashboard": False})
     for gpus in (1, 2, 8):
         c.add_node(num_cpus=gpus + 1, num_gpus=gpus)
     c.wait_for_nodes()
@@ -98,7 +113,9 @@ def test_tiny_job_on_nodes_of_1_2_and_8_gpus_starts_every_planned_actor(mixed_cl
     nodes = ray_runtime.alive_nodes()
     assert sorted(n.gpus for n in nodes) == [0, 1, 2, 8]
     split = plan_pools(tiny_job(layout="split"), nodes=nodes)
-    assert place(requests_of(split), wait_s=120) == split["sr_actors"] + split["semantic_actors"] == 12
+    assert (split["sr_actors"], split["semantic_actors"]) == (11, 2)
+    granted, asked = place(requests_of(split), wait_s=120)
+    assert granted == asked, "every planned actor placed, semantic actors first"
     src = tmp_path / "src"
     src.mkdir()
     for k in range(6):
@@ -107,5 +124,32 @@ def test_tiny_job_on_nodes_of_1_2_and_8_gpus_starts_every_planned_actor(mixed_cl
     # Ray Data starts the pool's minimum (all 11 planned actors) before streaming, or fails after the timeout.
     assert summary["pools"]["sr_actors"] == summary["pools"]["sr_actors_max"] == 11
     assert summary["by_status"] == {"ok": 6}
+    print(f"\nplacement: tiny job on nodes [1, 2, 8] GPUs: {summary['pools']['sr_actors']} fused actors planned, "
+          f"all started; {summary['wall_s']} s")
     rows = read_manifest(str(tmp_path / "out"), STORAGE).to_pylist()
     assert len({r["image_id"] for r in rows}) == 6
+
+
+def test_node_types_published_by_an_autoscaler_are_read_and_planned(one_node_8_gpus):
+    """What KubeRay's / the launcher's autoscaler publishes in the GCS (a ClusterConfig): read back, planned."""
+    import ray
+    from ray.core.generated import autoscaler_pb2
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
+
+    config = autoscaler_pb2.ClusterConfig()
+    group = config.node_group_configs.add()
+    group.name, group.min_count, group.max_count = "gpu", 0, 4
+    group.resources.update({"CPU": 32, "GPU": 8})
+    namespace = ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE.encode()
+    key = ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode()
+    _internal_kv_put(key, config.SerializeToString(), overwrite=True, namespace=namespace)
+    try:
+        (shape,) = ray_runtime.autoscaling_node_types()
+        assert (shape.gpus, shape.cpus, shape.count, shape.autoscaled) == (8, 32, 4, True)
+        assert ray_runtime.spans_machines(), "an autoscaler may add other machines"
+        plan = plan_pools(tiny_job(), nodes=ray_runtime.alive_nodes(), autoscale=[shape], todo=1000)
+        # Starts on what is there; may grow to the group's 4 x 8 GPUs (max_count counts nodes already up).
+        assert (plan["sr_actors"], plan["sr_actors_max"]) == (8, 32)
+    finally:
+        _internal_kv_del(key, namespace=namespace)
+    assert ray_runtime.autoscaling_node_types() == []
