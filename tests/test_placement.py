@@ -14,7 +14,7 @@ from inputs import rng_image
 from pipelines.job import UpscaleJob
 from pipelines.manifest import read_manifest
 from pipelines.pools import plan_pools
-from pipelines.upscale import run_upscale
+from pipelines.upscale import check_paths_reach_nodes, run_upscale
 from srmodel import get_preset
 
 STORAGE = UpscaleJob.model_fields["storage"].default
@@ -28,11 +28,12 @@ def tiny_job(src="/in", dst="/out", **resources) -> UpscaleJob:
                                       "resources": {"sr_batch": 1, "io_batch": 2, "rows_per_block": 2, **resources}})
 
 
-def place(requests: list[tuple[float, float]], wait_s: float) -> tuple[float, float]:
+def place(requests: list[tuple[float, float]], wait_s: float = 300, until: float | None = None,
+          settle_s: float = 0) -> tuple[float, float]:
     """Create one actor per (gpus, cpus) request, in the given order. Returns (GPU granted, GPU asked for).
 
-    Ray grants an actor its resources when it places it, before its worker process starts, so the
-    granted total shows placement without waiting for every process on a busy machine.
+    Waits until `until` GPUs (default: all asked for) are granted or `wait_s` passes (a busy machine
+    starts worker processes slowly), then `settle_s` more, and reads the granted total again.
     """
     import ray
 
@@ -48,9 +49,11 @@ def place(requests: list[tuple[float, float]], wait_s: float) -> tuple[float, fl
     granted = 0.0
     while time.time() < deadline:
         granted = round(total - ray.available_resources().get("GPU", 0.0), 4)
-        if granted >= asked:
+        if granted >= (until or asked):
             break
         time.sleep(0.5)
+    time.sleep(settle_s)
+    granted = round(total - ray.available_resources().get("GPU", 0.0), 4)
     shape = sorted(int(n.gpus) for n in ray_runtime.alive_nodes() if n.gpus)
     print(f"\nplacement: nodes {shape} GPUs, {len(requests)} actors asked {asked:g} GPU, granted {granted:g}")
     for a in actors:
@@ -81,13 +84,45 @@ def test_one_8_gpu_node_places_every_planned_actor_and_the_old_plan_did_not(one_
     nodes = ray_runtime.alive_nodes()
     assert [(n.gpus, n.cpus) for n in nodes] == [(8, 12)]
     # The old default: 8 SR x 0.75 + 2 semantic x 0.25. Both 0.25s land on GPU 0 and one SR never places.
-    assert place([(0.25, 0.5)] * 2 + [(0.75, 1)] * 8, wait_s=15) == (5.75, 6.5)
+    assert place([(0.25, 0.5)] * 2 + [(0.75, 1)] * 8, until=5.75, settle_s=10) == (5.75, 6.5)
     fused = plan_pools(tiny_job(), nodes=nodes)
-    assert fused["sr_actors"] == 8 and place(requests_of(fused), wait_s=120) == (8, 8)
+    assert fused["sr_actors"] == 8 and place(requests_of(fused)) == (8, 8)
     split = plan_pools(tiny_job(layout="split"), nodes=nodes)
     assert (split["sr_actors"], split["semantic_actors"]) == (8, 1)
-    granted, asked = place(requests_of(split), wait_s=120)
+    granted, asked = place(requests_of(split))
     assert granted == asked == 8 * split["sr_gpus"] + split["semantic_gpus"]
+
+
+def test_node_types_published_by_an_autoscaler_are_read_and_planned(one_node_8_gpus):
+    """What KubeRay's / the launcher's autoscaler publishes in the GCS (a ClusterConfig): read back, planned."""
+    import ray
+    from ray.core.generated import autoscaler_pb2
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
+
+    config = autoscaler_pb2.ClusterConfig()
+    group = config.node_group_configs.add()
+    group.name, group.min_count, group.max_count = "gpu", 0, 4
+    group.resources.update({"CPU": 32, "GPU": 8})
+    namespace = ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE.encode()
+    key = ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode()
+    assert ray_runtime.autoscaling_node_types() == [] and not ray_runtime.spans_machines()
+    check_paths_reach_nodes(tiny_job("/data/in", "/data/out"))  # one machine: local paths are fine
+    _internal_kv_put(key, config.SerializeToString(), overwrite=True, namespace=namespace)
+    try:
+        (shape,) = ray_runtime.autoscaling_node_types()
+        assert (shape.gpus, shape.cpus, shape.count, shape.autoscaled) == (8, 32, 4, True)
+        assert ray_runtime.spans_machines(), "an autoscaler may add other machines"
+        with pytest.raises(ValueError, match="SRC /data/in, DST /data/out: a local path on a multi-node"):
+            check_paths_reach_nodes(tiny_job("/data/in", "/data/out"))
+        check_paths_reach_nodes(tiny_job("s3://bucket/in", "s3://bucket/out"))
+        check_paths_reach_nodes(UpscaleJob.model_validate({**tiny_job("/data/in", "/data/out").model_dump(),
+                                                           "shared_fs": True}))
+        plan = plan_pools(tiny_job(), nodes=ray_runtime.alive_nodes(), autoscale=[shape], todo=1000)
+        # Starts on what is there; may grow to the group's 4 x 8 GPUs (max_count counts nodes already up).
+        assert (plan["sr_actors"], plan["sr_actors_max"]) == (8, 32)
+    finally:
+        _internal_kv_del(key, namespace=namespace)
+    assert ray_runtime.autoscaling_node_types() == []
 
 
 @pytest.fixture
@@ -114,7 +149,7 @@ def test_tiny_job_on_nodes_of_1_2_and_8_gpus_starts_every_planned_actor(mixed_cl
     assert sorted(n.gpus for n in nodes) == [0, 1, 2, 8]
     split = plan_pools(tiny_job(layout="split"), nodes=nodes)
     assert (split["sr_actors"], split["semantic_actors"]) == (11, 2)
-    granted, asked = place(requests_of(split), wait_s=120)
+    granted, asked = place(requests_of(split))
     assert granted == asked, "every planned actor placed, semantic actors first"
     src = tmp_path / "src"
     src.mkdir()
@@ -129,27 +164,3 @@ def test_tiny_job_on_nodes_of_1_2_and_8_gpus_starts_every_planned_actor(mixed_cl
     rows = read_manifest(str(tmp_path / "out"), STORAGE).to_pylist()
     assert len({r["image_id"] for r in rows}) == 6
 
-
-def test_node_types_published_by_an_autoscaler_are_read_and_planned(one_node_8_gpus):
-    """What KubeRay's / the launcher's autoscaler publishes in the GCS (a ClusterConfig): read back, planned."""
-    import ray
-    from ray.core.generated import autoscaler_pb2
-    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
-
-    config = autoscaler_pb2.ClusterConfig()
-    group = config.node_group_configs.add()
-    group.name, group.min_count, group.max_count = "gpu", 0, 4
-    group.resources.update({"CPU": 32, "GPU": 8})
-    namespace = ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE.encode()
-    key = ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode()
-    _internal_kv_put(key, config.SerializeToString(), overwrite=True, namespace=namespace)
-    try:
-        (shape,) = ray_runtime.autoscaling_node_types()
-        assert (shape.gpus, shape.cpus, shape.count, shape.autoscaled) == (8, 32, 4, True)
-        assert ray_runtime.spans_machines(), "an autoscaler may add other machines"
-        plan = plan_pools(tiny_job(), nodes=ray_runtime.alive_nodes(), autoscale=[shape], todo=1000)
-        # Starts on what is there; may grow to the group's 4 x 8 GPUs (max_count counts nodes already up).
-        assert (plan["sr_actors"], plan["sr_actors_max"]) == (8, 32)
-    finally:
-        _internal_kv_del(key, namespace=namespace)
-    assert ray_runtime.autoscaling_node_types() == []

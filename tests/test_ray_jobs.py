@@ -121,4 +121,15 @@ def test_submit_an_upscale_from_s3_to_s3_as_a_ray_job(ray_head, s3, s3_endpoint,
     assert "image(s) to process" in logs.stdout and '"by_status"' in logs.stdout, logs.stdout[-3000:]
     status = ugcsr(["jobs", "status", sid, "--address", address], env)
     assert status.returncode == 0 and '"status": "SUCCEEDED"' in status.stdout
-    print(f"\nRay Jobs test: first submit returned after {t_submit:.1f} s, job done after {t_job:.1f} s")
+
+    # A job that fails (no weights at that prefix): `--wait` exits non-zero, as does `jobs status`.
+    t1 = time.perf_counter()
+    bad = ugcsr(["submit", "--address", address, "--", "upscale", "s3://inputs/src", "s3://outputs/bad",
+                 "--preset", "wild", "--weights", "s3://weights/none"], env)
+    t_bad = time.perf_counter() - t1
+    assert bad.returncode == 1 and "FAILED" in bad.stderr, bad.stderr[-3000:]
+    assert "stable-diffusion-2-baseismissing" in "".join(bad.stdout.replace("│", "").split()), "the job's log says why"
+    bad_id = bad.stdout.splitlines()[0]
+    assert ugcsr(["jobs", "status", bad_id, "--address", address], env).returncode == 1
+    print(f"\nRay Jobs test: first submit returned after {t_submit:.1f} s, job done after {t_job:.1f} s, "
+          f"failing job reported after {t_bad:.1f} s")
