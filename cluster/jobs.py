@@ -108,7 +108,7 @@ def _quote(arg: str) -> str:
     return shlex.quote(arg)
 
 
-def client(address: str | None):
+def client(address: str | None, connect_timeout_s: float = 60):
     """A JobSubmissionClient for `address` (else $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS).
 
     Clusters with token authentication (Ray's default since 2.5x) need the cluster's token here: from
@@ -121,9 +121,19 @@ def client(address: str | None):
     token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
     if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file()):
         os.environ["RAY_AUTH_MODE"] = "token"  # before Ray reads its config (imported just below)
+    import time
+
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(address)
+    deadline = time.monotonic() + connect_timeout_s
+    while True:
+        try:
+            return JobSubmissionClient(address)
+        except ConnectionError as err:  # a head that is starting or busy answers late: retry for a while
+            if time.monotonic() > deadline:
+                raise ConnectionError(f"cannot reach the Ray Jobs API at {address} ({err}); is the cluster up and "
+                                      "its dashboard port (8265) reachable, e.g. port-forwarded?") from err
+            time.sleep(2)
 
 
 def family(jobs, base: str) -> list:

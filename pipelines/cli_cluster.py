@@ -56,7 +56,7 @@ def submit(
     try:
         job_env = jobs.storage_env(extra)
         cl = jobs.client(address)
-    except ValueError as err:
+    except (ValueError, ConnectionError) as err:
         _fail(str(err))
     base = jobs.submission_base(program, sub.params, job_env)
     prepared = jobs.prepare(program, args, job_env, base, sub.params.get("config"), ship_code)
@@ -94,7 +94,7 @@ def _client(address):
 
     try:
         return jobs.client(address)
-    except ValueError as err:
+    except (ValueError, ConnectionError) as err:
         _fail(str(err))
 
 
