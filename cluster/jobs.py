@@ -108,7 +108,7 @@ def _quote(arg: str) -> str:
     return shlex.quote(arg)
 
 
-def client(address: str | None, connect_timeout_s: float = 60):
+def client(address: str | None, connect_timeout_s: float = 120):
     """A JobSubmissionClient for `address` (else $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS).
 
     Clusters with token authentication (Ray's default since 2.5x) need the cluster's token here: from

@@ -51,9 +51,11 @@ def ray_head(tmp_path):
         deadline = time.time() + 180
         while True:
             assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
+            started = b"Ray runtime started" in (tmp_path / "head.log").read_bytes()  # every process of the head up
             try:
-                requests.get(f"{address}/api/version", timeout=2)  # any answer (401 without the token): it is up
-                break
+                requests.get(f"{address}/api/version", timeout=2)  # any answer (401 without the token) will do
+                if started:
+                    break
             except requests.RequestException:
                 pass
             assert time.time() < deadline, "the Ray head did not come up"
