@@ -2,7 +2,8 @@
 
 Taken at the start of a run, renewed in the background, released at the end. A second run on the same
 DST while the lease is live fails with a message naming the owner. A lease whose owner died expires
-after `ttl_s` and may then be taken over.
+after `ttl_s` (2 minutes; renewed every ttl/5) and may then be taken over; at once when the owner ran on
+this machine (same host and PID namespace) and its process is gone, as when a killed driver is rerun.
 
 How "only one wins" is guaranteed depends on the store:
 - S3 (and S3-compatible stores that implement conditional writes): `PutObject` with `If-None-Match: *`
@@ -37,12 +38,37 @@ class LeaseHeld(RuntimeError):
     """Another live run holds the DST lease."""
 
 
+def process_space() -> str:
+    """This host and PID namespace: a lease written from the same space can be checked by its pid."""
+    try:
+        ns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        ns = ""
+    return f"{socket.gethostname()}|{ns}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @dataclass(frozen=True)
 class LeaseRecord:
     owner: str
     run_id: str
     acquired_at: float
     expires_at: float
+    space: str = ""
+    pid: int = 0
+
+    def dead_here(self) -> bool:
+        """Its owner ran on this host, in this PID namespace, and that process is gone (a killed driver)."""
+        return bool(self.pid) and self.space == process_space() and not _alive(self.pid)
 
     def describe(self) -> str:
         until = time.strftime("%H:%M:%S UTC", time.gmtime(self.expires_at))
@@ -202,7 +228,7 @@ def _backend(uri: str, storage: StorageConfig):
 class DstLease:
     """`with DstLease(dst, storage):` holds the lease for the block (acquire, renew, release)."""
 
-    def __init__(self, dst: str, storage: StorageConfig | None = None, *, ttl_s: float = 300.0,
+    def __init__(self, dst: str, storage: StorageConfig | None = None, *, ttl_s: float = 120.0,
                  owner: str | None = None):
         self.uri = join(dst, *LEASE_KEY.split("/"))
         self.dst = dst
@@ -218,7 +244,7 @@ class DstLease:
 
     def _record(self, acquired_at: float | None = None) -> tuple[LeaseRecord, bytes]:
         now = time.time()
-        rec = LeaseRecord(self.owner, self.run_id, acquired_at or now, now + self.ttl_s)
+        rec = LeaseRecord(self.owner, self.run_id, acquired_at or now, now + self.ttl_s, process_space(), os.getpid())
         return rec, json.dumps(asdict(rec), indent=2).encode()
 
     def acquire(self) -> LeaseRecord:
@@ -228,13 +254,13 @@ class DstLease:
             current = self.backend.read()
             if current is not None:
                 held = _parse(current[0])
-                if held is not None and held.expires_at > time.time():
+                if held is not None and held.expires_at > time.time() and not held.dead_here():
                     raise LeaseHeld(
                         f"DST {self.dst} is being written by another run: {held.describe()}. Two runs must not write "
                         "one DST at once: wait for it to end, or stop it (`ugcsr jobs stop ID` for a Ray job). If that "
                         f"run died, its lease expires by itself; {self.uri} shows it.")
-                # Expired (its owner died without releasing) or unreadable: take it over, conditionally.
-                log.warning("ugcsr: taking over the expired DST lease of %s", held.describe() if held else "an unknown run")
+                # Expired, or its owner died on this machine, or unreadable: take it over, conditionally.
+                log.warning("ugcsr: taking over the stale DST lease of %s", held.describe() if held else "an unknown run")
                 token = self.backend.put(data, current[1])
             else:  # released between our two calls
                 token = self.backend.put(data, None)

@@ -1,6 +1,7 @@
 """Issue 9 without a cluster: pool plans per node shape, the DST lease, weights staged from S3, job ids."""
 
 import json
+import os
 import threading
 import time
 
@@ -115,6 +116,22 @@ def _lease_roundtrip(dst, storage):
     with pytest.raises(LeaseHeld, match="heir"):
         DstLease(dst, storage, owner="third").acquire()
     heir.release()
+
+
+def test_lease_of_a_killed_driver_on_this_machine_is_taken_over_at_once(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = DstLease(str(tmp_path / "dst"), owner="killed driver")
+    gone.acquire()
+    gone._stop.set()
+    record = json.loads((tmp_path / "dst/_state/lease.json").read_text())
+    assert record["pid"] == os.getpid()
+    record["pid"] = int(dead.stdout)  # as if the driver had been that (now ended) process
+    (tmp_path / "dst/_state/lease.json").write_text(json.dumps(record))
+    with DstLease(str(tmp_path / "dst"), owner="rerun"):
+        pass  # not refused although the dead driver's lease had not expired
 
 
 def test_lease_on_a_local_folder(tmp_path):
