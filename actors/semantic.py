@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from cluster.storage import StorageConfig, filesystem, join, write_bytes_atomic
+from cluster.weights import staged_model
 from srmodel.config import ModelConfig
 from srmodel.loader import load_semantic_encoder, load_tagger, resolve
 from srmodel.prompts import build_prompt
@@ -31,11 +32,12 @@ class SemanticStage:
 
     def __init__(self, config: dict | ModelConfig, device: str | None = None,
                  cpu_threads: int | None = None, cache_uri: str | None = None, storage: dict | None = None):
-        self.config = resolve(ModelConfig.model_validate(config))
+        self.storage = StorageConfig.model_validate(storage or {})
+        # Weights given as s3:// (any fsspec URI) are staged once per node before loading.
+        self.config = staged_model(resolve(ModelConfig.model_validate(config)), self.storage)
         self.device = pick_device(device)
         use_cpu_threads(self.device, cpu_threads)
         self.tagger = load_tagger(self.config, self.device)
-        self.storage = StorageConfig.model_validate(storage or {})
         self.token_dtype = np.float16 if self.config.dtype == "fp16" else np.float32
         self.cache = join(cache_uri, self.semantic_key()) if cache_uri else None
         # Without a cache the encoder is needed at once: a bad checkpoint fails the actor, not every image.

@@ -7,8 +7,9 @@ import socket
 import numpy as np
 import torch
 
+from cluster.weights import staged_model
 from srmodel.config import ModelConfig
-from srmodel.loader import load_upscaler
+from srmodel.loader import load_upscaler, resolve
 from srmodel.seeds import seed_for
 from srmodel.upscaler import SRRequest
 
@@ -32,9 +33,10 @@ class SRStage:
     """batch: `image_id`, `image`, `tokens`, `prompt` -> adds `sr_image` and `seed`; drops `tokens`."""
 
     def __init__(self, config: dict | ModelConfig, device: str | None = None, base_seed: int = 0,
-                 cpu_threads: int | None = None, max_output_pixels: int | None = None):
+                 cpu_threads: int | None = None, max_output_pixels: int | None = None, storage: dict | None = None):
         self.max_output_pixels = max_output_pixels
-        self.config = ModelConfig.model_validate(config)
+        # Weights given as s3:// (any fsspec URI) are staged once per node before loading.
+        self.config = staged_model(resolve(ModelConfig.model_validate(config)), storage)
         self.device = pick_device(device)
         use_cpu_threads(self.device, cpu_threads)
         self.upscaler = load_upscaler(self.config, self.device)

@@ -335,6 +335,13 @@ def plan(job: TrainsetJob) -> dict:
 
 def run_build_trainset(job: TrainsetJob, *, num_cpus: int | None = None, on_shard=None, on_plan=None) -> dict:
     """Build the missing shards; `on_plan(crops_to_build, shards_to_build)` before, `on_shard(batch)` per shard."""
+    from cluster.lease import DstLease
+
+    with DstLease(job.dst, job.storage):  # one writer per DST (docs/cluster.md)
+        return _build_leased(job, num_cpus=num_cpus, on_shard=on_shard, on_plan=on_plan)
+
+
+def _build_leased(job: TrainsetJob, *, num_cpus: int | None = None, on_shard=None, on_plan=None) -> dict:
     from srmodel.degrade import get_degrade_preset
 
     started = time.perf_counter()

@@ -42,6 +42,14 @@ def main(
     Exit codes: 0 done, 1 some item failed and --fail-on-error was given,
     2 bad option or setting, 3 the job could not run.
     """
+    import logging
+
+    ours = logging.getLogger("ugcsr")  # the driver's own lines (plan, lease): stderr, so `ray job logs` has them
+    if not ours.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
 
 
 app.command("upscale", cls=Command)(upscale.upscale)
@@ -50,6 +58,10 @@ app.command("evaluate", cls=Command)(evaluate.evaluate)
 app.command("report", cls=Command)(report.report)
 app.command("train", cls=Command)(train.train)
 app.command("train-export", cls=Command)(train.train_export)
+
+from pipelines import cli_cluster  # noqa: E402 - `submit` and `jobs` (Ray Jobs API)
+
+cli_cluster.register(app)
 
 
 def run() -> None:  # pragma: no cover - console entry for `python -m pipelines.cli`

@@ -20,10 +20,14 @@ class ResourcesConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    sr_actors: int | None = Field(None, ge=1, description="default: one per GPU (1 on a GPU-less cluster)")
-    semantic_actors: int | None = Field(None, ge=1, description="default: one per 4 GPUs, at least 1")
-    sr_gpus: float = Field(0.75, gt=0, le=8, description="GPU share of one SR actor")
-    semantic_gpus: float = Field(0.25, gt=0, le=8, description="GPU share of one semantic actor")
+    layout: Literal["fused", "split"] = Field(
+        "fused", description="fused: semantic + SR in one actor per GPU; split: a semantic pool and an SR pool")
+    sr_actors: int | None = Field(None, ge=1, description="fixed SR pool size; default: planned from the nodes")
+    sr_actors_max: int | None = Field(None, ge=1, description="upper bound of the (autoscaling) SR pool")
+    semantic_actors: int | None = Field(None, ge=1, description="split layout: default one per 8 GPUs, at least 1")
+    sr_gpus: float | None = Field(None, gt=0, le=8, description="GPU share of one SR actor; default 1 (fused) or "
+                                  "1 - semantic_actors x semantic_gpus (split)")
+    semantic_gpus: float | None = Field(None, gt=0, le=1, description="split layout: default min(0.25, 0.4 / semantic_actors)")
     sr_cpus: float = Field(1.0, gt=0)
     semantic_cpus: float = Field(0.5, gt=0)
     io_cpus: float = Field(0.25, gt=0, description="CPU share of read/decode/write tasks")
@@ -73,6 +77,9 @@ class UpscaleJob(BaseModel):
             v = v[len("file://"):]
         return v if is_remote(v) else os.path.abspath(os.path.expanduser(v))
 
+    allow_cpu: bool = Field(False, description="run a full-size preset even when the cluster has no GPU (very slow)")
+    shared_fs: bool = Field(
+        False, description="local SRC/DST/weights paths are on a filesystem every node mounts at the same path")
     actor_start_timeout_s: float = Field(
         900, gt=0, description="fail with a clear error when the actor pools cannot start (e.g. no GPU fits)"
     )

@@ -9,7 +9,7 @@ are dropped before the dataset is built.
 from __future__ import annotations
 
 import json
-import math
+import logging
 import os
 import socket
 import time
@@ -20,16 +20,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from actors import io
+from actors.fused import SemanticSRStage
 from actors.semantic import SemanticStage
 from actors.sr import SRStage
 from cluster import ray_runtime
+from cluster.lease import DstLease
 from cluster.storage import is_remote, join, write_bytes_atomic
+from cluster.weights import check_remote
 from srmodel.loader import resolve
 
 from .job import UpscaleJob
 from .listing import list_inputs
 from .manifest import STAGES, ManifestWriter, done_ids, rows_from_batch
 from .paths import IMAGE_EXTENSIONS
+from .pools import plan_pools
+
+log = logging.getLogger("ugcsr")
 
 
 @dataclass
@@ -41,29 +47,8 @@ class Plan:
     pools: dict = field(default_factory=dict)
 
 
-def plan_pools(job: UpscaleJob, gpus: float) -> dict:
-    r = job.resources
-    if gpus > 0:
-        # One SR actor per GPU (0.75 of it), the rest of each GPU left for semantic actors.
-        sr = r.sr_actors or max(1, int(gpus // r.sr_gpus) if r.sr_gpus >= 1 else int(gpus))
-        sem = r.semantic_actors or max(1, math.ceil(gpus / 4))
-        asked = sr * r.sr_gpus + sem * r.semantic_gpus
-        if asked > gpus + 1e-9:
-            raise ValueError(
-                f"the actor pools ask for {asked:g} GPUs ({sr} SR x {r.sr_gpus:g} + {sem} semantic x "
-                f"{r.semantic_gpus:g}) but the cluster has {gpus:g}; lower resources.sr_actors/semantic_actors "
-                "or their GPU shares"
-            )
-        return dict(sr_actors=sr, sr_gpus=r.sr_gpus, semantic_actors=sem, semantic_gpus=r.semantic_gpus,
-                    sr_cpus=r.sr_cpus, semantic_cpus=r.semantic_cpus, io_cpus=r.io_cpus)
-    # No GPUs: the same pipeline with CPU actors (tests, laptops); the SR actors share the cores' threads.
-    sr = r.sr_actors or 1
-    return dict(sr_actors=sr, sr_gpus=0, semantic_actors=r.semantic_actors or 1, semantic_gpus=0,
-                sr_cpus=r.sr_cpus, semantic_cpus=r.semantic_cpus, io_cpus=r.io_cpus,
-                cpu_threads=max(1, (os.cpu_count() or 1) // sr))
-
-
-def make_plan(job: UpscaleJob, gpus: float = 0.0, *, save_listing: bool = True) -> Plan:
+def make_plan(job: UpscaleJob, *, save_listing: bool = True) -> Plan:
+    """What to process; `pools` is filled in once connected (planned from the cluster's nodes)."""
     listing, cached = list_inputs(job.src, job.dst, job.storage, job.format, save=save_listing, relist=job.relist)
     if not len(listing):
         raise FileNotFoundError(f"SRC {job.src} holds no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}); "
@@ -73,8 +58,7 @@ def make_plan(job: UpscaleJob, gpus: float = 0.0, *, save_listing: bool = True) 
     skipped = len(listing) - len(todo)
     if job.limit:  # at most N to process this run: re-running with the same limit moves on
         todo = todo.slice(0, job.limit)
-    return Plan(total=len(todo) + skipped, todo=todo, skipped=skipped, listing_cached=cached,
-                pools=plan_pools(job, gpus))
+    return Plan(total=len(todo) + skipped, todo=todo, skipped=skipped, listing_cached=cached)
 
 
 def build_dataset(job: UpscaleJob, todo: pa.Table, pools: dict):
@@ -92,15 +76,20 @@ def build_dataset(job: UpscaleJob, todo: pa.Table, pools: dict):
     # read+decode into one task) instead of starting more actor processes.
     ds = ds.map_batches(io.read_decode, fn_kwargs={"storage": storage, "max_pixels": job.max_pixels},
                         batch_size=r.io_batch, num_cpus=pools["io_cpus"], compute=TaskPoolStrategy(size=io_tasks))
-    ds = ds.map_batches(SemanticStage, fn_constructor_kwargs={"config": model, "cpu_threads": pools.get("cpu_threads"),
-                                                               "cache_uri": job.cache_semantic, "storage": storage},
-                        batch_size=r.semantic_batch, compute=ActorPoolStrategy(size=pools["semantic_actors"]),
-                        num_gpus=pools["semantic_gpus"], num_cpus=pools["semantic_cpus"])
-    ds = ds.map_batches(SRStage, fn_constructor_kwargs={"config": model, "base_seed": job.base_seed,
-                                                         "cpu_threads": pools.get("cpu_threads"),
-                                                         "max_output_pixels": job.max_output_pixels},
-                        batch_size=r.sr_batch, compute=ActorPoolStrategy(size=pools["sr_actors"]),
-                        num_gpus=pools["sr_gpus"], num_cpus=pools["sr_cpus"])
+    sr_kwargs = {"config": model, "base_seed": job.base_seed, "cpu_threads": pools.get("cpu_threads"),
+                 "max_output_pixels": job.max_output_pixels, "storage": storage}
+    # Min..max: a fixed cluster gets min == max (every actor up front); an autoscaling one grows GPU nodes.
+    sr_pool = ActorPoolStrategy(min_size=pools["sr_actors"], max_size=pools["sr_actors_max"])
+    if pools["layout"] == "fused":
+        ds = ds.map_batches(SemanticSRStage, fn_constructor_kwargs={**sr_kwargs, "cache_uri": job.cache_semantic},
+                            batch_size=r.sr_batch, compute=sr_pool, num_gpus=pools["sr_gpus"], num_cpus=pools["sr_cpus"])
+    else:
+        ds = ds.map_batches(SemanticStage, fn_constructor_kwargs={"config": model, "cpu_threads": pools.get("cpu_threads"),
+                                                                   "cache_uri": job.cache_semantic, "storage": storage},
+                            batch_size=r.semantic_batch, compute=ActorPoolStrategy(size=pools["semantic_actors"]),
+                            num_gpus=pools["semantic_gpus"], num_cpus=pools["semantic_cpus"])
+        ds = ds.map_batches(SRStage, fn_constructor_kwargs=sr_kwargs, batch_size=r.sr_batch, compute=sr_pool,
+                            num_gpus=pools["sr_gpus"], num_cpus=pools["sr_cpus"])
     ds = ds.map_batches(io.write, fn_kwargs={"dst": job.dst, "fmt": job.format, "quality": job.quality, "storage": storage},
                         batch_size=r.io_batch, num_cpus=pools["io_cpus"], compute=TaskPoolStrategy(size=io_tasks))
     return ds
@@ -153,16 +142,25 @@ def summarize(tally: Tally, plan: Plan, wall: float, job: UpscaleJob) -> dict:
 
 def run_upscale(job: UpscaleJob, *, on_plan=None, on_rows=None, num_cpus: int | None = None) -> dict:
     """Run the job to the end; `on_plan(plan)` sees the plan, `on_rows(rows)` each batch of manifest rows."""
-    started = time.perf_counter()
     check_source(job)  # missing weights fail here, not inside every actor
+    with DstLease(job.dst, job.storage):  # one writer per DST: a second run fails naming this one
+        return _run_leased(job, on_plan=on_plan, on_rows=on_rows, num_cpus=num_cpus)
+
+
+def _run_leased(job: UpscaleJob, *, on_plan=None, on_rows=None, num_cpus: int | None = None) -> dict:
+    started = time.perf_counter()
     plan = make_plan(job)  # bad SRC/DST fail here, before any cluster is started
-    ray_runtime.connect(job.address, num_cpus=num_cpus)
+    where = ray_runtime.connect(job.address, num_cpus=num_cpus)
+    check_paths_reach_nodes(job)
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the CLI draws its own
     ctx.wait_for_min_actors_s = int(job.actor_start_timeout_s)  # never hang silently on unschedulable actors
-    plan.pools = plan_pools(job, ray_runtime.cluster_gpus())
+    plan.pools = plan_pools(job, nodes=ray_runtime.alive_nodes(), autoscale=ray_runtime.autoscaling_node_types(),
+                            todo=len(plan.todo))
+    log.info("ugcsr: Ray at %s; %d image(s) to process, %d skipped; pools %s", where, len(plan.todo), plan.skipped,
+             json.dumps(plan.pools))
     if on_plan:
         on_plan(plan)
     writer = ManifestWriter(job.dst, job.storage, max_delay_s=job.manifest_flush_s)
@@ -197,6 +195,21 @@ def check_source(job: UpscaleJob) -> None:
     for what, path in parts:
         if not is_remote(path) and not os.path.exists(path):
             raise FileNotFoundError(f"{what} {path} does not exist (model source of preset {job.model.name!r})")
+    check_remote(src, job.storage)  # weights on object storage: listed here, staged by each node's actors
+
+
+def check_paths_reach_nodes(job: UpscaleJob) -> None:
+    """Local SRC/DST/cache/weights paths mean another disk on another machine: refuse unless --shared-fs."""
+    if job.shared_fs or not ray_runtime.spans_machines():
+        return
+    src = job.model.source
+    local = [(what, p) for what, p in (("SRC", job.src), ("DST", job.dst), ("--cache-semantic", job.cache_semantic),
+                                      ("weights", src.sd_base if src else None)) if p and not is_remote(p)]
+    if local:
+        names = ", ".join(f"{what} {p}" for what, p in local)
+        raise ValueError(f"{names}: a local path on a multi-node Ray cluster means a different disk on each node; "
+                         "use object storage (s3://...) or, if it is a filesystem every node mounts at the same "
+                         "path, pass --shared-fs")
 
 
 def _model_id(job: UpscaleJob) -> str:
@@ -206,16 +219,20 @@ def _model_id(job: UpscaleJob) -> str:
 
 def dry_run(job: UpscaleJob) -> dict:
     """What would run: counts to process/skip and the pools asked for, without loading any model."""
-    gpus = 0.0
+    nodes, autoscale = None, []
     try:
         import ray
 
-        if ray.is_initialized() or job.address:
+        if ray.is_initialized() or ray_runtime.target(job.address):
             ray_runtime.connect(job.address)
-            gpus = ray_runtime.cluster_gpus()
+            nodes, autoscale = ray_runtime.alive_nodes(), ray_runtime.autoscaling_node_types()
     except Exception:  # noqa: BLE001 - a dry run never needs a cluster
         pass
-    plan = make_plan(job, gpus, save_listing=False)  # a dry run writes nothing and loads no model
+    plan = make_plan(job, save_listing=False)  # a dry run writes nothing and loads no model
+    try:
+        plan.pools = plan_pools(job, nodes=nodes, autoscale=autoscale, todo=len(plan.todo))
+    except ValueError as err:  # what the real run would refuse, said instead of a pool plan
+        plan.pools = {"error": str(err)}
     return {
         "images": plan.total,
         "to_process": len(plan.todo),

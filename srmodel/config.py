@@ -20,7 +20,11 @@ class Strict(BaseModel):
 
 
 class ModelSource(Strict):
-    """Local folders/files of the released parts (object-store URIs are staged by the caller)."""
+    """Where the released parts are: local paths or any fsspec URI (`s3://bucket/weights/checkpoint-90000`).
+
+    Remote parts are staged once per node into a local cache before loading (`cluster/weights.py`); the
+    model code itself only ever opens local files.
+    """
 
     sd_base: str = Field(description="stable-diffusion-2-base folder: vae/ text_encoder/ tokenizer/ scheduler/")
     seesr: str = Field(description="released checkpoint-90000 folder: unet/ controlnet/")

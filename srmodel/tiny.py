@@ -43,19 +43,26 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("UGCSR_CACHE", Path.home() / ".cache" / "ugcsr"))
 
 
-def tiny_source(folder: Path) -> ModelSource:
+def tiny_source(folder: Path | str, seesr: str = "checkpoint-tiny") -> ModelSource:
+    """The tiny parts under `folder`: a local path or any fsspec URI (joined with '/', valid for both)."""
+    base = str(folder).rstrip("/")
     return ModelSource(
-        sd_base=str(folder / "stable-diffusion-2-base"),
-        seesr=str(folder / "checkpoint-tiny"),
-        sam2_checkpoint=str(folder / "sam2.1_hiera_tiny.pt"),
-        sam2_config=str(folder / "sam2.1_hiera_tiny_test.yaml"),
-        ram=str(folder / "ram_swin_large_14m.pth"),
-        dape=str(folder / "DAPE.pth"),
+        sd_base=f"{base}/stable-diffusion-2-base",
+        seesr=f"{base}/{seesr}",
+        sam2_checkpoint=f"{base}/sam2.1_hiera_tiny.pt",
+        sam2_config=f"{base}/sam2.1_hiera_tiny_test.yaml",
+        ram=f"{base}/ram_swin_large_14m.pth",
+        dape=f"{base}/DAPE.pth",
         ram_config="tiny",
-        ram_tag_list=str(folder / "ram_tag_list.txt"),
-        ram_thresholds=str(folder / "ram_tag_list_threshold.txt"),
+        ram_tag_list=f"{base}/ram_tag_list.txt",
+        ram_thresholds=f"{base}/ram_tag_list_threshold.txt",
         revision=TINY_VERSION,
     )
+
+
+def released_tiny_source(folder: Path | str) -> ModelSource:
+    """The tiny weights as `python -m srmodel.tiny DIR` lays them out (the release's folder names)."""
+    return tiny_source(folder, seesr=RELEASED_CHECKPOINT)
 
 
 def _byte_tokenizer(folder: Path):
@@ -78,7 +85,10 @@ def _perturb(model: torch.nn.Module, gen: torch.Generator, scale: float = 0.05) 
             p.add_(scale * torch.randn(p.shape, generator=gen))
 
 
-def _write_tiny(folder: Path) -> None:
+RELEASED_CHECKPOINT = "checkpoint-90000"
+
+
+def _write_tiny(folder: Path, seesr: str = "checkpoint-tiny") -> None:
     # Heavy imports here: loading an already built tiny model must stay cheap.
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -127,8 +137,8 @@ def _write_tiny(folder: Path) -> None:
     controlnet.load_state_dict(shared, strict=False)
     _perturb(unet, gen)
     _perturb(controlnet, gen)
-    unet.save_pretrained(folder / "checkpoint-tiny" / "unet")
-    controlnet.save_pretrained(folder / "checkpoint-tiny" / "controlnet")
+    unet.save_pretrained(folder / seesr / "unet")
+    controlnet.save_pretrained(folder / seesr / "controlnet")
 
     encoder = SemanticEncoder.from_config(TINY_TEST_CONFIG)
     save_sam2_checkpoint(encoder, folder / "sam2.1_hiera_tiny.pt")
@@ -174,3 +184,44 @@ def ensure_tiny_model(cache_dir: str | Path | None = None) -> ModelSource:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return tiny_source(folder)
+
+
+def write_released_layout(folder: str | Path) -> ModelSource:
+    """Write the tiny weights into `folder` in the released layout, to upload like the real ones.
+
+    folder/stable-diffusion-2-base/, folder/checkpoint-90000/{unet,controlnet}/, folder/sam2.1_hiera_tiny.pt
+    and the tagger files (ram_swin_large_14m.pth, DAPE.pth), plus what only the tiny preset needs (its SAM2
+    yaml, its 7-tag list and thresholds). The same seeds as the cached tiny model: the same weights.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    clash = [p.name for p in folder.iterdir()]
+    if clash:
+        raise FileExistsError(f"{folder} is not empty ({', '.join(sorted(clash)[:5])}); pick an empty or new folder")
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=folder))
+    try:
+        _write_tiny(tmp, seesr=RELEASED_CHECKPOINT)
+        for part in tmp.iterdir():
+            os.rename(part, folder / part.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return released_tiny_source(folder)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m srmodel.tiny",
+                                     description="Write the tiny preset's random weights in the released layout.")
+    parser.add_argument("dir", help="an empty or new folder; then: ugcsr upscale SRC DST --preset tiny --weights DIR")
+    args = parser.parse_args(argv)
+    try:
+        write_released_layout(args.dir)
+    except FileExistsError as err:
+        parser.exit(2, f"error: {err}\n")
+    print(args.dir)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -72,3 +72,13 @@ def ray_local(tiny_cache):
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)  # never a stray cluster
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def released_tiny(tmp_path_factory):
+    """The tiny weights as `python -m srmodel.tiny DIR` writes them (the released folder layout)."""
+    from srmodel.tiny import main
+
+    folder = tmp_path_factory.mktemp("released") / "weights"
+    assert main([str(folder)]) == 0
+    return folder

@@ -66,9 +66,8 @@ def test_output_settings_are_part_of_the_resume_key(tmp_path):
 
 
 def test_pools_that_do_not_fit_the_gpus_are_refused(tmp_path):
-    ok = plan_pools(job(tmp_path, tmp_path / "o"), gpus=4)
-    assert ok["sr_actors"] == 4 and ok["semantic_actors"] == 1
-    assert 4 * 0.75 + 1 * 0.25 <= 4
+    ok = plan_pools(job(tmp_path, tmp_path / "o"), gpus=4)  # fused layout: one whole-GPU actor per GPU
+    assert ok["sr_actors"] == ok["sr_actors_max"] == 4 and ok["sr_gpus"] == 1 and ok["semantic_actors"] == 0
     with pytest.raises(ValueError, match="ask for"):
         plan_pools(job(tmp_path, tmp_path / "o", resources={"sr_actors": 6}), gpus=4)
     cpu = plan_pools(job(tmp_path, tmp_path / "o"), gpus=0)

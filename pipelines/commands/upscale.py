@@ -24,23 +24,44 @@ OPTION_OF = {
 }
 
 
-def released_source(weights: Path):
-    """The README's layout: WEIGHTS/{stable-diffusion-2-base, checkpoint-90000, sam2.1_hiera_tiny.pt, RAM, DAPE}."""
+def released_source(weights: str, preset: str = "wild", storage=None):
+    """The README's layout under a folder or s3:// prefix: stable-diffusion-2-base/, checkpoint-90000/, SAM2,
+    RAM, DAPE; for `tiny` the layout `python -m srmodel.tiny DIR` writes."""
+    from cluster.storage import filesystem, join
     from srmodel.config import ModelSource
+    from srmodel.tiny import released_tiny_source
 
-    ram, dape = weights / "ram_swin_large_14m.pth", weights / "DAPE.pth"
-    src = ModelSource(
-        sd_base=str(weights / "stable-diffusion-2-base"),
-        seesr=str(weights / "checkpoint-90000"),
-        sam2_checkpoint=str(weights / "sam2.1_hiera_tiny.pt"),
-        ram=str(ram) if ram.exists() else None,
-        dape=str(dape) if dape.exists() else None,
-    )
+    weights = weights.rstrip("/") if "://" in weights else str(Path(weights).expanduser().absolute())
+    if preset == "tiny":
+        src = released_tiny_source(weights)
+    else:
+        src = ModelSource(sd_base=join(weights, "stable-diffusion-2-base"), seesr=join(weights, "checkpoint-90000"),
+                          sam2_checkpoint=join(weights, "sam2.1_hiera_tiny.pt"))
+    fs, _ = filesystem(weights, storage)
+
+    def exists(uri: str) -> bool:
+        return fs.exists(filesystem(uri, storage)[1])
+
+    if preset != "tiny":  # the tagger files are optional (--prompt-source fixed needs none)
+        ram, dape = join(weights, "ram_swin_large_14m.pth"), join(weights, "DAPE.pth")
+        src = src.model_copy(update={"ram": ram if exists(ram) else None, "dape": dape if exists(dape) else None})
     for path in (src.sd_base, src.seesr, src.sam2_checkpoint):
-        if not Path(path).exists():
+        if not exists(path):
             raise typer.BadParameter(f"{path} is missing; WEIGHTS must hold the released files (see README)",
                                      param_hint="'--weights'")
     return src
+
+
+def _storage(data: dict, endpoint_url: str | None):
+    from cluster.storage import StorageConfig
+
+    storage = dict(data.get("storage") or {})
+    if endpoint_url is not None:
+        storage["endpoint_url"] = endpoint_url
+    try:
+        return StorageConfig.model_validate(storage)
+    except Exception as err:  # noqa: BLE001 - pydantic's error, shown as a usage error
+        raise typer.BadParameter(f"invalid storage settings: {err}", param_hint="'--config'") from err
 
 
 def with_seesr(model: dict, seesr: Path) -> dict:
@@ -70,7 +91,10 @@ def upscale(
     preset: Optional[PRESETS] = typer.Option(
         None, help="wild (x1, CFG 8.5) | synthetic (x4) need --weights; tiny (random weights, for trials) is the "
                    "default without --weights"),
-    weights: Optional[Path] = typer.Option(None, help="folder with the released weights (README); needs --preset"),
+    weights: Optional[str] = typer.Option(
+        None, help="folder or s3:// prefix with the released weights (README); needs --preset"),
+    allow_cpu: bool = typer.Option(False, "--allow-cpu", help="run a full-size preset on a cluster without GPUs"),
+    shared_fs: bool = typer.Option(False, "--shared-fs", help="local SRC/DST are on a filesystem every node mounts"),
     seesr: Optional[Path] = typer.Option(None, help="folder with unet/ and controlnet/ used instead of the preset's or "
                                          "--weights' checkpoint (e.g. RUN/export/checkpoint-N of `ugcsr train`)"),
     geometry: Optional[Literal["release", "exact-size"]] = typer.Option(
@@ -112,13 +136,14 @@ def upscale(
     from pipelines.upscale import dry_run as plan_only
     from srmodel.presets import get_preset
 
-    model = get_preset(preset or "tiny", released_source(weights) if weights else None).model_dump(mode="json")
+    source = released_source(weights, preset or "tiny", _storage(data, endpoint_url)) if weights else None
+    model = get_preset(preset or "tiny", source).model_dump(mode="json")
     if seesr is not None:
         model = with_seesr(model, seesr)
     sampler = given(upscale=scale, prompt_source=prompt_source, fixed_tags=tags, user_prompt=prompt)
     data["model"] = merge(merge(model, data.get("model") or {}), given(dtype=dtype, geometry=geometry, sampler=sampler or None))
     data.update(given(src=src, dst=dst, address=address, limit=limit, format=fmt, cache_semantic=cache_semantic,
-                      relist=relist))
+                      relist=relist, allow_cpu=allow_cpu or None, shared_fs=shared_fs or None))
     run_command(UpscaleJob, data, option_of=OPTION_OF, options=options, config=config, endpoint_url=endpoint_url,
                 print_config=print_config, dry_run=dry_run, plan=plan_only, run=lambda job: _run(job, log_interval),
                 failures=lambda summary: summary["by_status"].get("error", 0), fail_on_error=fail_on_error)
