@@ -130,18 +130,15 @@ def _run(job, dst: str) -> None:
                TextColumn("{task.fields[failed]} failed, {task.fields[rate]:.2f} img/s"), TimeRemainingColumn())
     with Progress(*columns, console=console) as bar:
         task = bar.add_task("upscaling", total=None, failed=0, rate=0.0)
-        started, counts = time.perf_counter(), {"done": 0, "failed": 0}
+        started = time.perf_counter()
 
-        def on_rows(rows):
-            counts["done"] += len(rows)
-            counts["failed"] += sum(r["status"] == "error" for r in rows)
-            bar.update(task, completed=counts["done"], failed=counts["failed"],
-                       rate=counts["done"] / (time.perf_counter() - started))
+        def on_progress(done, errors, total):
+            bar.update(task, completed=done, failed=errors, rate=done / (time.perf_counter() - started))
 
-        summary = run_upscale(job, on_plan=lambda p: bar.update(task, total=len(p.todo)), on_rows=on_rows)
+        summary = run_upscale(job, on_plan=lambda p: bar.update(task, total=p.to_process), on_progress=on_progress)
     print(json.dumps(summary, indent=2))
     if summary["by_status"].get("error"):
-        console.print(f"[yellow]{summary['by_status']['error']} image(s) failed: see {dst}/_manifest[/yellow]")
+        console.print(f"[yellow]{summary['by_status']['error']} image(s) failed: see {summary['manifest']}[/yellow]")
 
 
 @app.command("build-trainset")
@@ -179,6 +176,34 @@ def build_trainset(
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from err
     print(json.dumps(summary, indent=2))
+
+
+manifest_app = typer.Typer(help="Maintain DST/_manifest/.")
+app.add_typer(manifest_app, name="manifest")
+
+
+@manifest_app.command("compact")
+def manifest_compact(
+    dst: str = typer.Argument(..., help="the upscale job's DST (folder or s3://bucket/prefix)"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address; default: an embedded local Ray"),
+    endpoint_url: Optional[str] = typer.Option(None, help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)"),
+    rows_per_file: int = typer.Option(500_000, min=1, help="rows per compacted part"),
+) -> None:
+    """Rewrite the manifest's many small parts into few, keeping the latest row per image and settings."""
+    import os
+
+    from cluster import ray_runtime
+    from cluster.storage import StorageConfig, is_remote
+    from pipelines.manifest import compact
+
+    storage = StorageConfig(endpoint_url=endpoint_url)
+    dst = dst if is_remote(dst) else os.path.abspath(os.path.expanduser(dst.removeprefix("file://")))
+    try:
+        ray_runtime.connect(address)
+        print(json.dumps(compact(dst, storage, rows_per_file=rows_per_file), indent=2))
+    except (OSError, ValueError, RuntimeError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from err
 
 
 def run() -> None:  # pragma: no cover - console entry for `python -m pipelines.cli`
