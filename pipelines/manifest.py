@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import io
 import json
+import os
 import uuid
 from collections import Counter
 
@@ -259,8 +260,16 @@ def compact(dst: str, storage: StorageConfig, *, rows_per_file: int = 500_000, f
     out = join(manifest_dir(dst), f"run=compacted-{new_run_id()}")
     write = ray.remote(max_retries=max_retries)(_compact_bucket)
     counts = ray.get([write.remote(join(out, f"part-{k:05d}.parquet"), cfg, *[r[k] for r in refs]) for k in range(buckets)])
+    folders = set()
     for uri in files:
         fs, path = filesystem(uri, storage)
         fs.rm(path)
+        folders.add(path.rsplit("/", 1)[0])
+    if is_local(fs):  # object stores have no folders; local ones would stay behind empty
+        for folder in folders:
+            try:
+                os.rmdir(folder)
+            except OSError:
+                pass
     return {"files_before": len(files), "files_after": sum(1 for c in counts if c), "rows_before": rows_before,
             "rows_after": int(sum(counts))}

@@ -17,7 +17,7 @@ import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from functools import partial
+import warnings
 from typing import Callable
 
 from actors import io
@@ -161,6 +161,13 @@ def io_sizes(job: UpscaleJob, pools: dict) -> tuple[int, int]:
 
 
 def build_dataset(job: UpscaleJob, plan: Plan, pools: dict, journal=None):
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for retry bounds; its catch-all **ray_remote_args warns (removal in 2.64).
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return _build_dataset(job, plan, pools, journal)
+
+
+def _build_dataset(job: UpscaleJob, plan: Plan, pools: dict, journal=None):
     import ray.data
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
@@ -168,6 +175,7 @@ def build_dataset(job: UpscaleJob, plan: Plan, pools: dict, journal=None):
     model = job.model.model_dump(mode="json")
     storage = job.storage.model_dump(mode="json")
     fs, _ = filesystem(plan.todo_uris[0], job.storage)
+    fs.invalidate_cache()  # s3fs may have cached a listing of _state/ from before the shards were written
     paths = [filesystem(u, job.storage)[1] for u in plan.todo_uris]
     ds = ray.data.read_parquet(paths, filesystem=fs if is_remote(plan.todo_uris[0]) else None,
                                ray_remote_args={"max_retries": rt.task_max_retries})
@@ -178,9 +186,8 @@ def build_dataset(job: UpscaleJob, plan: Plan, pools: dict, journal=None):
     reads, writes = io_sizes(job, pools)
     guard = {"journal": journal, "max_crashes": rt.max_crashes_per_image}
     # Bounded (Ray Data's defaults are -1: a crashing input would be retried forever).
-    task_retry = {"ray_remote_args_fn": partial(dict, max_retries=rt.task_max_retries)}
-    actor_retry = {"ray_remote_args_fn": partial(dict, max_restarts=rt.actor_max_restarts,
-                                                 max_task_retries=rt.actor_max_task_retries)}
+    task_retry = {"max_retries": rt.task_max_retries}
+    actor_retry = {"max_restarts": rt.actor_max_restarts, "max_task_retries": rt.actor_max_task_retries}
     gpu = pools["sr_gpus"] > 0
     sr_mem = r.sr_memory_gb if r.sr_memory_gb is not None else (8.0 if gpu else 0.0)
     sem_mem = r.semantic_memory_gb if r.semantic_memory_gb is not None else (3.0 if gpu else 0.0)

@@ -1,13 +1,13 @@
 """A faulty HTTP proxy on 127.0.0.1 in front of the S3 test server: 503s, dropped connections, cut bodies, delays.
 
-Every request is forwarded unchanged unless a seeded draw picks a fault for it;
-counts per (fault, kind of request) tell the test what was exercised.
+Every request is forwarded unchanged except every few of each kind (reads,
+writes, listings, HEADs), which get a fault; counts per (fault, kind) tell the
+test what was exercised.
 """
 
 from __future__ import annotations
 
 import http.client
-import random
 import threading
 import time
 from collections import Counter
@@ -27,12 +27,10 @@ def kind_of(method: str, path: str) -> str:
 
 
 class FaultyProxy:
-    def __init__(self, upstream: str, *, seed: int = 0, p503: float = 0.06, pdrop: float = 0.04,
-                 pcut: float = 0.03, pdelay: float = 0.05, delay_s: float = 0.4):
+    def __init__(self, upstream: str, *, every: int = 5, delay_s: float = 0.4):
         self.upstream = urlparse(upstream)
-        self.rng, self.lock = random.Random(seed), threading.Lock()
-        self.p = [("503", p503), ("drop", pdrop), ("cut", pcut), ("delay", pdelay)]
-        self.delay_s = delay_s
+        self.lock = threading.Lock()
+        self.every, self.delay_s = every, delay_s
         self.counts: Counter = Counter()
         self.enabled = True
         proxy = self
@@ -84,7 +82,8 @@ class FaultyProxy:
                 for k, v in resp.getheaders():
                     if k.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                length = resp.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))  # HEAD: the object's size
                 self.end_headers()
                 if fault == "cut" and self.command == "GET" and len(data) > 16:  # the body breaks off mid-way
                     self.wfile.write(data[: len(data) // 2])
@@ -103,17 +102,20 @@ class FaultyProxy:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def draw(self, kind: str) -> str | None:
+        """Every `every`-th request of each kind gets a fault, cycling through the fault types.
+
+        Deterministic (whatever the thread timing), and a retried request is never faulted twice
+        in a row, so a run must succeed through the client's own retries alone.
+        """
         with self.lock:
+            n = self.counts[("requests", kind)]
             self.counts[("requests", kind)] += 1
-            if not self.enabled:
+            if not self.enabled or n % self.every != self.every // 2:
                 return None
-            x = self.rng.random()
-            for name, p in self.p:
-                if x < p and not (name == "cut" and kind != "read"):
-                    self.counts[(name, kind)] += 1
-                    return name
-                x -= p
-            return None
+            cycle = ("503", "drop", "cut", "delay") if kind == "read" else ("503", "drop", "delay")
+            name = cycle[(n // self.every) % len(cycle)]
+            self.counts[(name, kind)] += 1
+            return name
 
     def __enter__(self):
         self.thread.start()

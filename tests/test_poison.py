@@ -2,12 +2,16 @@
 replaces the actor. The stages below really end their process (os._exit), as a native crash or OOM kill would."""
 
 import os
+import sys
 from pathlib import Path
 
+from ray import cloudpickle
 import pytest
 
 from actors.batch import ensure_status_columns, fail, ok_rows
 from actors.guard import WORKER_CRASHED, CrashJournal, guarded
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import this test module
 
 
 class DiesOnPoison:
