@@ -1,5 +1,6 @@
 """Soak (CI-sized): a few thousand tiny images, resumed in the middle; driver memory flat, each image once."""
 
+import os
 import time
 import tracemalloc
 
@@ -11,7 +12,8 @@ from pipelines.job import UpscaleJob
 from pipelines.upscale import run_upscale
 from srmodel import get_preset
 
-N = 2000
+# A few thousand in CI; UGCSR_SOAK_IMAGES shortens a local run on a busy machine.
+N = int(os.environ.get("UGCSR_SOAK_IMAGES", "2000"))
 
 
 class Interrupted(Exception):
@@ -37,10 +39,11 @@ def test_soak_thousands_of_images_with_resume(ray_local, tmp_path):
         rng_image(4 + k % 5, 4 + k % 3, k).save(folder / f"{k:05d}.png", compress_level=0)
     (src / "d00" / "broken.png").write_bytes(b"not an image")
     model = get_preset("tiny").model_dump(mode="json")
-    model["sampler"].update(steps=1, upscale=1, process_size=16)
+    model["sampler"].update(steps=1, upscale=1, process_size=16, prompt_source="fixed", fixed_tags="soak")
     job = UpscaleJob.model_validate({
         "src": str(src), "dst": str(dst), "model": model, "format": "jpeg", "manifest_rows_per_file": 100,
-        "plan_buckets": 4, "resources": {"sr_batch": 16, "semantic_batch": 16, "io_batch": 32},
+        "plan_buckets": 4,
+        "resources": {"sr_batch": 16, "semantic_batch": 16, "io_batch": 32, "io_tasks": 2},
     })
     # Run 1 is interrupted: the driver stops consuming after half the images (as a crash would).
     memory = DriverMemory()
