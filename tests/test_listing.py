@@ -10,7 +10,7 @@ from cluster.storage import StorageConfig, error_code, is_transient
 from inputs import rng_image
 from pipelines.job import UpscaleJob
 from pipelines.listing import list_inputs, merge_bucket, split_buckets
-from pipelines.manifest import SCHEMA, compact, read_manifest, run_dir, to_table
+from pipelines.manifest import SCHEMA, compact, read_manifest, to_table
 from pipelines.upscale import make_plan, plan_pools
 from srmodel import get_preset
 from srmodel.seeds import image_id_from_uri
