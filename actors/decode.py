@@ -66,6 +66,22 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[
     return np.ascontiguousarray(rgb), notes
 
 
+def sort_by_working_size(batch: dict, *, scale: int, process_size: int, multiple: int) -> dict:
+    """The batch's rows reordered by padded working size (what the SR stage can batch together); errors last."""
+    from srmodel.geometry import plan_size
+
+    def key(i: int):
+        w, h = int(batch["src_width"][i]), int(batch["src_height"][i])
+        if batch["error_type"][i] or not w or not h:
+            return (1, 0, 0)
+        return (0, *plan_size(w, h, scale, process_size, multiple=multiple).padded_size)
+
+    order = sorted(range(size(batch)), key=key)
+    if order == list(range(size(batch))):
+        return batch
+    return {k: (v[order] if isinstance(v, np.ndarray) else [v[i] for i in order]) for k, v in batch.items()}
+
+
 class DecodeStage:
     """batch: `bytes` -> `image` (H, W, 3) uint8, `src_width`, `src_height`; drops `bytes`."""
 

@@ -6,14 +6,21 @@ only what reading, decoding and writing need, not torch or diffusers.
 
 from __future__ import annotations
 
-from .decode import DecodeStage
+from .decode import DecodeStage, sort_by_working_size
+from .guard import guarded_call
 from .read import ReadStage
 from .write import WriteStage
 
 
-def read_decode(batch: dict, storage: dict, max_pixels: int) -> dict:
-    return DecodeStage(max_pixels)(ReadStage(storage)(batch))
+def read_decode(batch: dict, storage: dict, max_pixels: int, fetch_threads: int = 8, group: dict | None = None,
+                journal=None, max_crashes: int = 1) -> dict:
+    """Fetch (concurrently) and decode; rows leave sorted by working size when `group` gives the SR geometry,
+    so the SR stage's consecutive batches hold images of one padded size (full denoising batches)."""
+    read = ReadStage(storage, threads=fetch_threads)
+    decode = DecodeStage(max_pixels)
+    out = guarded_call(lambda b: decode(read(b)), batch, "decode", journal, max_crashes)
+    return sort_by_working_size(out, **group) if group else out
 
 
-def write(batch: dict, dst: str, fmt: str, quality: int, storage: dict) -> dict:
-    return WriteStage(dst, fmt, quality, storage)(batch)
+def write(batch: dict, dst: str, fmt: str, quality: int, storage: dict, journal=None, max_crashes: int = 1) -> dict:
+    return guarded_call(WriteStage(dst, fmt, quality, storage), batch, "encode", journal, max_crashes)

@@ -78,6 +78,7 @@ class SRStage:
                         results.append(EMPTY_IMAGE)
             for i, img in zip(rows, results):
                 out[i] = img
-        batch.pop("tokens", None)
+        for col in ("tokens", "image"):  # consumed: rows leave with only the SR image (small rows downstream)
+            batch.pop(col, None)
         batch.update(sr_image=out, seed=np.array(seeds, dtype=np.int64), node_id=[node_id()] * n)
         return batch

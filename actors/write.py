@@ -7,7 +7,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from cluster.storage import StorageConfig, is_remote, join, write_bytes_atomic
+from cluster.storage import StorageConfig, error_code, is_remote, join, write_bytes_atomic
 
 from .batch import StageTimer, ensure_status_columns, fail, ok_rows, size
 
@@ -48,7 +48,7 @@ class WriteStage:
                     with timer.rows([i]):
                         write_bytes_atomic(uri, encode_image(img, self.fmt, self.quality), self.storage)
                 except Exception as err:  # noqa: BLE001 - this image's record, not the job's end
-                    fail(batch, i, "write", f"cannot write {uri}: {err}", type(err).__name__)
+                    fail(batch, i, "write", f"cannot write {uri}: {err}", error_code(err))
                     continue
                 uris[i], heights[i], widths[i] = as_uri(uri), img.shape[0], img.shape[1]
         for col in HEAVY:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import posixpath
-import random
-import time
 import uuid
 from typing import Any
 
@@ -19,14 +17,25 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class StorageConfig(BaseModel):
+    """How to reach object storage; retries are the storage client's own (botocore), not ours."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     endpoint_url: str | None = Field(
         None, description="S3-compatible endpoint; default: $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL, else AWS"
     )
     region: str | None = None
-    retries: int = Field(5, ge=0, description="attempts after the first on a transient error")
-    backoff_s: float = Field(0.5, ge=0)
+    retry_mode: str = Field(
+        "standard", pattern="^(standard|adaptive|legacy)$",
+        description="botocore retry mode: standard (exponential backoff, 5xx/throttling/connection errors) or "
+                    "adaptive (standard plus client-side rate limiting under throttling)",
+    )
+    max_attempts: int = Field(6, ge=1, description="botocore attempts per request, the first included")
+    body_retries: int = Field(
+        3, ge=1, description="s3fs attempts of a GET whose body breaks off mid-stream (botocore cannot see those)"
+    )
+    connect_timeout_s: float = Field(10, gt=0)
+    read_timeout_s: float = Field(60, gt=0)
 
     def s3_options(self) -> dict[str, Any]:
         endpoint = self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -35,7 +44,11 @@ class StorageConfig(BaseModel):
             client_kwargs["endpoint_url"] = endpoint
         if self.region:
             client_kwargs["region_name"] = self.region
-        return {"client_kwargs": client_kwargs} if client_kwargs else {}
+        # One retry layer per failure kind: botocore retries requests (it sees HTTP codes and connection
+        # errors); s3fs only re-issues a GET whose body broke off after botocore returned.
+        config = {"retries": {"mode": self.retry_mode, "max_attempts": self.max_attempts},
+                  "connect_timeout": self.connect_timeout_s, "read_timeout": self.read_timeout_s}
+        return {"client_kwargs": client_kwargs, "config_kwargs": config}
 
 
 def is_remote(uri: str) -> bool:
@@ -47,6 +60,8 @@ def filesystem(uri: str, storage: StorageConfig | None = None) -> tuple[fsspec.A
     storage = storage or StorageConfig()
     options = storage.s3_options() if uri.startswith(("s3://", "s3a://")) else {}
     fs, path = url_to_fs(uri, **options)
+    if options:
+        fs.retries = storage.body_retries  # s3fs's own loop: only re-issues GETs whose body broke off
     return fs, path
 
 
@@ -64,36 +79,55 @@ def uri_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(path)
 
 
-# Errors worth retrying: throttling, 5xx, dropped connections. Everything else is permanent.
-TRANSIENT_MARKERS = ("SlowDown", "Throttl", "RequestTimeout", "InternalError", "ServiceUnavailable", "503", "500", "502", "504")
+# S3 error codes that mean "try again later" (AWS error-code reference; botocore's standard mode retries the same).
+TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+                   "InternalError", "ServiceUnavailable", "BadGateway", "GatewayTimeout", "RequestLimitExceeded"}
+
+
+def _client_error(err: BaseException):
+    """The botocore ClientError behind `err` (s3fs translates them into OSErrors and keeps the cause)."""
+    from botocore.exceptions import ClientError
+
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, ClientError):
+            return err
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
+
+
+def error_code(err: BaseException) -> str:
+    """A stable name for a storage error: the S3 error code or HTTP status when there is one, else the type."""
+    client = _client_error(err)
+    if client is not None:
+        info = client.response.get("Error", {})
+        status = client.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return str(info.get("Code") or (f"HTTP{status}" if status else type(client).__name__))
+    return type(err).__name__
 
 
 def is_transient(err: BaseException) -> bool:
+    """Worth another try later (a later run): throttling, 5xx, dropped or timed-out connections.
+
+    Classified by error code, status and exception type, never by message text (a key such as
+    IMG_5003.jpg is not a 503).
+    """
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError, ReadTimeoutError
+
     if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
-    if isinstance(err, (ConnectionError, TimeoutError)):
-        return True
-    text = f"{type(err).__name__}: {err}"
-    return any(m in text for m in TRANSIENT_MARKERS)
-
-
-def with_retries(fn, storage: StorageConfig, what: str):
-    """Call fn(); on a transient error wait with exponential backoff + jitter and try again."""
-    attempt = 0
-    while True:
-        try:
-            return fn()
-        except Exception as err:  # noqa: BLE001 - classified below
-            if attempt >= storage.retries or not is_transient(err):
-                raise
-            time.sleep(storage.backoff_s * (2**attempt) * (0.5 + random.random()))
-            attempt += 1
+    client = _client_error(err)
+    if client is not None:
+        status = client.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return error_code(client) in TRANSIENT_CODES or status >= 500 or status == 429
+    return isinstance(err, (ConnectionError, TimeoutError, BotoConnectionError, HTTPClientError, ReadTimeoutError))
 
 
 def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
     storage = storage or StorageConfig()
     fs, path = filesystem(uri, storage)
-    return with_retries(lambda: fs.cat_file(path), storage, uri)
+    return fs.cat_file(path)
 
 
 def write_bytes_atomic(uri: str, data: bytes, storage: StorageConfig | None = None) -> None:
@@ -108,4 +142,4 @@ def write_bytes_atomic(uri: str, data: bytes, storage: StorageConfig | None = No
             f.write(data)
         os.replace(tmp, path)
         return
-    with_retries(lambda: fs.pipe_file(path, data), storage, uri)
+    fs.pipe_file(path, data)

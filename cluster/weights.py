@@ -26,7 +26,7 @@ from pathlib import Path
 from srmodel.config import ModelSource
 from srmodel.tiny import default_cache_dir
 
-from .storage import StorageConfig, filesystem, is_remote, with_retries
+from .storage import StorageConfig, filesystem, is_remote
 
 # ModelSource fields that name files or folders (the rest are options).
 PATH_FIELDS = ("sd_base", "seesr", "sam2_checkpoint", "sam2_config", "ram", "dape", "ram_tag_list", "ram_thresholds")
@@ -42,12 +42,12 @@ def listing(uri: str, storage: StorageConfig) -> dict[str, dict]:
     fs, path = filesystem(uri, storage)
     path = path.rstrip("/")
     try:
-        info = with_retries(lambda: fs.info(path), storage, uri)
+        info = fs.info(path)  # transient errors: retried by botocore (StorageConfig)
     except FileNotFoundError:
         info = None
     if info is not None and info.get("type") != "directory":
         return {"": _entry(info)}
-    found = with_retries(lambda: fs.find(path, detail=True), storage, uri)
+    found = fs.find(path, detail=True)
     files = {k[len(path):].lstrip("/"): _entry(v) for k, v in found.items() if v.get("type") != "directory"}
     if not files:
         raise FileNotFoundError(f"weights {uri} do not exist (no object and no objects under that prefix); "
@@ -103,7 +103,7 @@ def _download(uri: str, files: dict[str, dict], storage: StorageConfig, slot: Pa
             src = path if single else f"{path}/{rel}"
             dst = tmp / "object" if single else tmp / "tree" / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
-            with_retries(lambda s=src, d=dst: fs.get_file(s, str(d)), storage, f"{uri}/{rel}")
+            fs.get_file(src, str(dst))
             got = dst.stat().st_size
             if got != meta["size"]:
                 raise OSError(f"staging {uri}: {rel or 'the object'} has {got} bytes, the store lists "

@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from pipelines.commands import build_trainset, evaluate, report, train, upscale
+from pipelines.commands import build_trainset, evaluate, manifest, report, train, upscale
 from pipelines.commands.common import Command
 
 # rich_markup_mode=None: click's plain help, where flags read `--dry-run` (typer's rich panels print `<bool>`).
@@ -58,6 +58,7 @@ app.command("evaluate", cls=Command)(evaluate.evaluate)
 app.command("report", cls=Command)(report.report)
 app.command("train", cls=Command)(train.train)
 app.command("train-export", cls=Command)(train.train_export)
+app.add_typer(manifest.app, name="manifest")
 
 from pipelines import cli_cluster  # noqa: E402 - `submit` and `jobs` (Ray Jobs API)
 

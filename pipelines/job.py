@@ -30,12 +30,32 @@ class ResourcesConfig(BaseModel):
     semantic_gpus: float | None = Field(None, gt=0, le=1, description="split layout: default min(0.25, 0.4 / semantic_actors)")
     sr_cpus: float = Field(1.0, gt=0)
     semantic_cpus: float = Field(0.5, gt=0)
-    io_cpus: float = Field(0.25, gt=0, description="CPU share of read/decode/write tasks")
+    io_cpus: float = Field(0.25, gt=0, description="CPU share of a read/decode task")
+    encode_cpus: float = Field(1.0, gt=0, description="CPU share of an encode/write task (PNG/WebP encoding is CPU-bound)")
     sr_batch: int = Field(8, ge=1)
     semantic_batch: int = Field(8, ge=1)
-    io_batch: int = Field(8, ge=1)
-    io_tasks: int = Field(2, ge=1, description="concurrent read/decode and write tasks (each stage)")
-    rows_per_block: int = Field(16, ge=1)
+    io_batch: int = Field(32, ge=1, description="rows per read/decode task; they are sorted by working size inside it")
+    io_tasks: int | None = Field(None, ge=1, description="concurrent read/decode and write tasks (each stage); "
+                                 "default: from the cluster's CPUs")
+    fetch_threads: int = Field(8, ge=1, description="concurrent object fetches inside one read task")
+    sr_memory_gb: float | None = Field(None, ge=0, description="host memory reserved per SR actor; default 8 on GPU "
+                                       "clusters, none on CPU-only ones")
+    semantic_memory_gb: float | None = Field(None, ge=0, description="same for a semantic actor; default 3 on GPUs")
+
+
+class RetryConfig(BaseModel):
+    """Bounded retries on every stage (Ray's defaults retry a crashing input forever)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    task_max_retries: int = Field(3, ge=0, description="Ray task retries of read/decode, write, manifest and planning tasks")
+    actor_max_task_retries: int = Field(4, ge=0, description="retries of a batch whose SR/semantic actor died")
+    actor_max_restarts: int = Field(-1, ge=-1, description="restarts of one actor over the whole run (-1: no limit; "
+                                    "a crashing input is bounded per batch by the crash journal instead)")
+    max_crashes_per_image: int = Field(1, ge=1, description="worker deaths attributed to one image before it gets "
+                                       "an error row (WorkerCrashed) instead of another try")
+    max_errored_blocks: int = Field(10, ge=-1, description="Ray Data backstop: blocks that may fail for good before the "
+                                    "run stops; their images are reported as unaccounted and redone on resume")
 
 
 class UpscaleJob(BaseModel):
@@ -46,7 +66,10 @@ class UpscaleJob(BaseModel):
     model: ModelConfig
     storage: StorageConfig = StorageConfig()
     resources: ResourcesConfig = ResourcesConfig()
-    format: Literal["png", "webp", "jpeg"] = "png"  # a Literal: errors list the allowed values
+    retries: RetryConfig = RetryConfig()
+    # A Literal: errors list the allowed values.
+    format: Literal["png", "webp", "jpeg"] = Field(
+        "png", description="png (lossless, default) | webp | jpeg: see docs/pipeline.md for the measured encode costs")
     quality: int = Field(95, ge=1, le=100)
     limit: int | None = Field(None, ge=1)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="larger inputs get an error row")
@@ -54,7 +77,7 @@ class UpscaleJob(BaseModel):
         256_000_000, ge=1, description="images whose output would be larger get an error row (bounded memory)"
     )
     relist: bool | None = Field(
-        None, description="list SRC again instead of reusing DST/_state/listing.parquet; "
+        None, description="list SRC again instead of reusing the listing under DST/_state/; "
                           "None: local folders are listed on every run (cheap), remote prefixes once"
     )
     base_seed: int = 0
@@ -83,7 +106,12 @@ class UpscaleJob(BaseModel):
     actor_start_timeout_s: float = Field(
         900, gt=0, description="fail with a clear error when the actor pools cannot start (e.g. no GPU fits)"
     )
-    manifest_flush_s: float = Field(5.0, ge=0, description="longest wait before buffered manifest rows are written")
+    manifest_rows_per_file: int = Field(
+        1024, ge=1, description="rows per manifest part (a killed driver loses at most the parts in flight; "
+        "`ugcsr manifest compact` merges parts later)")
+    plan_buckets: int | None = Field(None, ge=1, description="hash buckets of the listing and resume anti-join; "
+                                     "default: one per 250k rows of a Parquet list, 8 for folders")
+    plan_tasks: int | None = Field(None, ge=1, description="parallel listing tasks; default: from the cluster's CPUs")
 
 
 def load_yaml(path: str | Path) -> dict:

@@ -1,18 +1,27 @@
-"""The per-image manifest (DESIGN.md): one Parquet row per input image, streamed as parts."""
+"""The per-image manifest (DESIGN.md): one Parquet row per input image and run.
+
+Layout: DST/_manifest/run=<run id>/part-<hash>.parquet, written by the pipeline
+itself (a sink stage in Ray tasks), so `DST/_manifest/**` reads as one table
+(pyarrow/DuckDB hive partitioning adds a `run` column). Only Parquet lives
+there; run summaries are under DST/_runs/.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import io
-import time
+import json
+import os
 import uuid
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from cluster.storage import StorageConfig, filesystem, join, write_bytes_atomic
+from cluster.storage import StorageConfig, filesystem, is_local, join, uri_of, write_bytes_atomic
 
 STAGES = ("decode", "semantic", "sr", "encode")
 TIMINGS = pa.struct([(k, pa.float64()) for k in STAGES])
@@ -95,48 +104,172 @@ def rows_from_batch(batch: dict, *, params_hash: str, model_id: str, node_id: st
     return rows
 
 
-class ManifestWriter:
-    """Writes rows as Parquet parts under DST/_manifest/ as they arrive (each part one atomic write)."""
+def new_run_id() -> str:
+    """Sortable by start time; unique across drivers."""
+    return now().strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
-    def __init__(self, dst: str, storage: StorageConfig, rows_per_part: int = 1024, max_delay_s: float = 5.0):
-        self.dir = manifest_dir(dst)
-        self.storage = storage
-        self.run = uuid.uuid4().hex[:12]
-        self.rows_per_part = rows_per_part
-        self.pending: list[dict] = []
-        self.parts = 0
-        self.max_delay_s = max_delay_s
-        self.last_flush = time.monotonic()
 
-    def add(self, rows: list[dict]) -> None:
-        """Buffer rows; a killed job loses at most `max_delay_s` of rows (their images are redone on resume)."""
-        self.pending += rows
-        if len(self.pending) >= self.rows_per_part or time.monotonic() - self.last_flush >= self.max_delay_s:
-            self.flush()
+def run_dir(dst: str, run_id: str) -> str:
+    """Each run's rows in their own hive-style folder: DST/_manifest/run=<id>/ (read as one table with a `run` column)."""
+    return join(manifest_dir(dst), f"run={run_id}")
 
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        buf = io.BytesIO()
-        pq.write_table(to_table(self.pending), buf)
-        write_bytes_atomic(join(self.dir, f"part-{self.run}-{self.parts:06d}.parquet"), buf.getvalue(), self.storage)
-        self.parts += 1
-        self.pending = []
-        self.last_flush = time.monotonic()
+
+def part_name(image_ids) -> str:
+    """Named by the rows it holds: a retried sink task rewrites the same part instead of adding a duplicate."""
+    digest = hashlib.sha256("\n".join(sorted(str(i) for i in image_ids)).encode()).hexdigest()[:20]
+    return f"part-{digest}.parquet"
+
+
+def write_part(batch: dict, *, dst: str, run_id: str, storage: dict, params_hash: str, model_id: str,
+               node_id: str) -> dict:
+    """The manifest sink (a Ray Data task): writes the batch's rows as one Parquet part, returns ONE small row.
+
+    The driver iterates these count rows with O(1) memory; the rows themselves never reach it.
+    """
+    rows = rows_from_batch(batch, params_hash=params_hash, model_id=model_id, node_id=node_id)
+    name = part_name(r["image_id"] for r in rows)
+    buf = io.BytesIO()
+    pq.write_table(to_table(rows), buf)
+    write_bytes_atomic(join(run_dir(dst, run_id), name), buf.getvalue(), StorageConfig.model_validate(storage))
+    errors = Counter(r["error_type"] for r in rows if r["error_type"])
+    out = {"part": [name], "rows": [len(rows)], "ok": [sum(r["status"] == "ok" for r in rows)],
+           "error_types": [json.dumps(dict(errors))]}
+    for s in STAGES:
+        values = [r["timings_ms"][s] for r in rows if r["timings_ms"][s]]
+        out[f"{s}_ms_sum"], out[f"{s}_n"] = [float(sum(values))], [len(values)]
+    return out
+
+
+def manifest_files(dst: str, storage: StorageConfig) -> list[str]:
+    """Every Parquet file under DST/_manifest/ (any layout: run folders, compacted parts, old flat parts)."""
+    fs, path = filesystem(manifest_dir(dst), storage)
+    if not fs.exists(path):
+        return []
+    found = sorted(p for p in fs.find(path) if p.endswith(".parquet") and "/." not in p)
+    fs.invalidate_cache()
+    return [p if is_local(fs) else uri_of(fs, p) for p in found]
 
 
 def read_manifest(dst: str, storage: StorageConfig, columns: list[str] | None = None) -> pa.Table:
-    fs, path = filesystem(manifest_dir(dst), storage)
-    if not fs.exists(path):
-        return SCHEMA.empty_table().select(columns) if columns else SCHEMA.empty_table()
-    tables = [pq.read_table(io.BytesIO(fs.cat_file(p)), columns=columns) for p in sorted(fs.glob(path.rstrip("/") + "/part-*.parquet"))]
+    """The whole manifest in this process (tests, small tools; jobs read it with Ray tasks)."""
+    tables = [_read(uri, storage, columns) for uri in manifest_files(dst, storage)]
     if not tables:
         return SCHEMA.empty_table().select(columns) if columns else SCHEMA.empty_table()
-    return pa.concat_tables(tables)
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def _read(uri: str, storage: StorageConfig, columns: list[str] | None) -> pa.Table:
+    fs, path = filesystem(uri, storage)
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def done_tables(files: list[str], *, dst: str, storage: dict, params_hash: str, buckets: int) -> list[pa.Table]:
+    """(Ray task) image_ids with an `ok` row of this params_hash in some manifest files, bucketed like the listing.
+
+    The bucket is the output key's, recovered from dst_uri (DST/<dst_key>), so bucket k of the
+    done set meets bucket k of the listing without any global view.
+    """
+    from .listing import split_buckets
+    from actors.write import as_uri
+
+    cfg = StorageConfig.model_validate(storage)
+    prefix = as_uri(join(dst, ""))
+    kept = []
+    for uri in files:
+        t = _read(uri, cfg, ["image_id", "status", "params_hash", "dst_uri"])
+        mask = pc.and_(pc.equal(t["status"], "ok"), pc.equal(t["params_hash"], params_hash))
+        kept.append(t.filter(mask).select(["image_id", "dst_uri"]))
+    table = pa.concat_tables(kept) if kept else pa.table({"image_id": pa.array([], pa.string()), "dst_uri": pa.array([], pa.string())})
+    keys = [u[len(prefix):] if u and u.startswith(prefix) else (u or "") for u in table.column("dst_uri").to_pylist()]
+    return split_buckets(table.select(["image_id"]), keys, buckets)
 
 
 def done_ids(dst: str, storage: StorageConfig, params_hash: str) -> pa.Array:
-    """image_ids with an `ok` row made with these pixel settings (the resume rule)."""
+    """image_ids with an `ok` row made with these pixel settings (the resume rule), in this process."""
     table = read_manifest(dst, storage, ["image_id", "status", "params_hash"])
     mask = pc.and_(pc.equal(table["status"], "ok"), pc.equal(table["params_hash"], params_hash))
     return pc.unique(table.filter(mask)["image_id"])
+
+
+# --- run summaries: outside _manifest/, which holds only Parquet ---
+
+
+def runs_dir(dst: str) -> str:
+    return join(dst, "_runs")
+
+
+def write_summary(dst: str, run_id: str, summary: dict, storage: StorageConfig) -> None:
+    data = json.dumps(summary, indent=2).encode()
+    write_bytes_atomic(join(runs_dir(dst), run_id, "summary.json"), data, storage)
+    write_bytes_atomic(join(runs_dir(dst), "latest", "summary.json"), data, storage)
+
+
+# --- compaction ---
+
+
+def _bucket_rows(files: list[str], storage: dict, buckets: int) -> list[pa.Table]:
+    """(Ray task) manifest rows of some files, bucketed by image_id."""
+    from .listing import split_buckets
+
+    cfg = StorageConfig.model_validate(storage)
+    tables = [_read(uri, cfg, SCHEMA.names).cast(SCHEMA) for uri in files]
+    table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+    return split_buckets(table, table.column("image_id").to_pylist(), buckets)
+
+
+def _compact_bucket(out_uri: str, storage: dict, *tables: pa.Table) -> int:
+    """(Ray task) the latest row per (image_id, params_hash) of one bucket, written as one part."""
+    table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+    if not len(table):
+        return 0
+    table = table.sort_by([("image_id", "ascending"), ("params_hash", "ascending"), ("finished_at", "ascending")])
+    ids, params = table.column("image_id").to_pylist(), table.column("params_hash").to_pylist()
+    last = [i for i in range(len(ids)) if i == len(ids) - 1 or (ids[i], params[i]) != (ids[i + 1], params[i + 1])]
+    table = table.take(pa.array(last, pa.int64()))
+    buf = io.BytesIO()
+    pq.write_table(table, buf, row_group_size=64_000)
+    write_bytes_atomic(out_uri, buf.getvalue(), StorageConfig.model_validate(storage))
+    return len(table)
+
+
+def compact(dst: str, storage: StorageConfig, *, rows_per_file: int = 500_000, files_per_task: int = 64,
+            max_retries: int = 3) -> dict:
+    """Rewrite every manifest part into few, keeping the latest row per image_id and params_hash.
+
+    Runs on the connected Ray cluster. The compacted parts are written first (run=compacted-<id>/),
+    the old files removed after: a crash in between leaves duplicates that resume reads harmlessly.
+    """
+    import ray
+
+    files = manifest_files(dst, storage)
+    if not files:
+        return {"files_before": 0, "files_after": 0, "rows_before": 0, "rows_after": 0}
+    rows_before = 0
+    for uri in files:
+        fs, path = filesystem(uri, storage)
+        with fs.open(path, "rb") as f:
+            rows_before += pq.ParquetFile(f).metadata.num_rows
+    buckets = max(1, -(-rows_before // rows_per_file))
+    cfg = storage.model_dump(mode="json")
+    from .listing import bucket_task
+
+    split = bucket_task(_bucket_rows, buckets, max_retries=max_retries)
+    groups = [files[i : i + files_per_task] for i in range(0, len(files), files_per_task)]
+    refs = [split(g, cfg, buckets) for g in groups]
+    out = join(manifest_dir(dst), f"run=compacted-{new_run_id()}")
+    write = ray.remote(max_retries=max_retries)(_compact_bucket)
+    counts = ray.get([write.remote(join(out, f"part-{k:05d}.parquet"), cfg, *[r[k] for r in refs]) for k in range(buckets)])
+    folders = set()
+    for uri in files:
+        fs, path = filesystem(uri, storage)
+        fs.rm(path)
+        folders.add(path.rsplit("/", 1)[0])
+    if is_local(fs):  # object stores have no folders; local ones would stay behind empty
+        for folder in folders:
+            try:
+                os.rmdir(folder)
+            except OSError:
+                pass
+    return {"files_before": len(files), "files_after": sum(1 for c in counts if c), "rows_before": rows_before,
+            "rows_after": int(sum(counts))}

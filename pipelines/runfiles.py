@@ -98,7 +98,18 @@ def _modified(fs, path: str) -> float:
 
 
 def read_listing(dst: str, storage: StorageConfig | None = None) -> pa.Table | None:
-    """The upscale listing (image_id, src_uri, dst_key) if DST kept one."""
+    """The upscale listing (image_id, src_uri, dst_key) if DST kept one.
+
+    Current layout: `_state/listing.json` names the committed listing, sharded as
+    `_state/listing/<id>/part-*.parquet`; older runs kept one `_state/listing.parquet`.
+    """
+    fs, meta_path = filesystem(join(dst, "_state", "listing.json"), storage)
+    if fs.isfile(meta_path):
+        listing_id = json.loads(fs.cat_file(meta_path)).get("listing_id")
+        _, folder = filesystem(join(dst, "_state", "listing", str(listing_id)), storage)
+        parts = sorted(fs.glob(folder.rstrip("/") + "/part-*.parquet")) if listing_id and fs.isdir(folder) else []
+        if parts:
+            return pa.concat_tables([pq.read_table(io.BytesIO(fs.cat_file(p))) for p in parts])
     fs, path = filesystem(join(dst, "_state", "listing.parquet"), storage)
     return pq.read_table(io.BytesIO(fs.cat_file(path))) if fs.exists(path) else None
 

@@ -1,155 +1,301 @@
-"""`ugcsr upscale`: a streaming, resumable Ray Data pipeline.
+"""`ugcsr upscale`: a streaming, resumable Ray Data pipeline, planned as data.
 
-read (CPU) -> decode (CPU) -> semantic (actor pool, fractional GPU) -> SR
-(actor pool) -> encode + write (CPU) -> manifest parts written by the driver
-as rows stream in. Resume: inputs with an `ok` row of the same params_hash
-are dropped before the dataset is built.
+plan (Ray tasks: listing shards, resume anti-join) -> read_parquet(todo shards)
+-> read + decode (CPU tasks, concurrent fetches) -> semantic (actor pool) -> SR
+(actor pool; or one fused semantic+SR pool) -> encode + write (CPU tasks) ->
+manifest sink (CPU tasks write Parquet parts under DST/_manifest/run=<id>/ and
+return one count row each). The driver holds the plan's counts and iterates
+count rows: its memory does not grow with the number of images.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
+import math
 import os
 import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-
-import pyarrow as pa
-import pyarrow.compute as pc
+import warnings
+from typing import Callable
 
 from actors import io
 from actors.fused import SemanticSRStage
+from actors.guard import CrashJournal, guarded
 from actors.semantic import SemanticStage
 from actors.sr import SRStage
 from cluster import ray_runtime
 from cluster.lease import DstLease
-from cluster.storage import is_remote, join, write_bytes_atomic
+from cluster.storage import StorageConfig, filesystem, is_remote, join
 from cluster.weights import check_remote
 from srmodel.loader import resolve
 
+from . import listing as L
 from .job import UpscaleJob
-from .listing import list_inputs
-from .manifest import STAGES, ManifestWriter, done_ids, rows_from_batch
+from .manifest import STAGES, done_tables, manifest_files, new_run_id, run_dir, write_part, write_summary
 from .paths import IMAGE_EXTENSIONS
 from .pools import plan_pools
 
 log = logging.getLogger("ugcsr")
 
+ProgressFn = Callable[[int, int, int], None]  # on_progress(done, errors, total): after each manifest part
+
 
 @dataclass
 class Plan:
-    total: int
-    todo: pa.Table
+    total: int  # listed images (after --limit: processed + skipped)
+    to_process: int
     skipped: int
     listing_cached: bool
+    todo_uris: list = field(default_factory=list)  # the todo shards (one per non-empty bucket)
+    sample: list = field(default_factory=list)
+    buckets: int = 0
+    run_id: str = ""
+    listed_at: str | None = None  # when the listing was made (UTC, ISO 8601); None for a list file
     pools: dict = field(default_factory=dict)
 
+    @property
+    def todo(self) -> int:  # images this run will process (the progress total)
+        return self.to_process
 
-def make_plan(job: UpscaleJob, *, save_listing: bool = True) -> Plan:
-    """What to process; `pools` is filled in once connected (planned from the cluster's nodes)."""
-    listing, cached = list_inputs(job.src, job.dst, job.storage, job.format, save=save_listing, relist=job.relist)
-    if not len(listing):
+
+def _auto_buckets(job: UpscaleJob, known_rows: int | None) -> int:
+    if job.plan_buckets:
+        return job.plan_buckets
+    if known_rows is not None:
+        return max(1, min(4096, math.ceil(known_rows / L.ROWS_PER_BUCKET)))
+    return 8
+
+
+def make_plan(job: UpscaleJob, *, write: bool = True, run_id: str | None = None) -> Plan:
+    """Listing and resume anti-join as Ray tasks (Ray must be connected); the driver keeps counts only.
+
+    `write=False` (dry run) writes nothing: the plan's counts come back, no shard is stored.
+    """
+    import ray
+
+    run_id = run_id or new_run_id()
+    storage, cfg = job.storage, job.storage.model_dump(mode="json")
+    retries = job.retries.task_max_retries
+    tasks = job.plan_tasks or max(4, min(256, 2 * int(ray_runtime.cluster_cpus() or 1)))
+    _, dst_path = filesystem(job.dst, storage)
+    ctx = {"src": job.src, "dst_path": dst_path, "format": job.format, "storage": cfg, "cwd": os.getcwd()}
+    folder = not L._is_list_file(job.src)
+    meta = L.read_listing_meta(job.dst, storage) if folder else None
+    # relist None: local folders are listed every run (cheap, new files never missed), remote prefixes once.
+    relist = (not is_remote(job.src)) if job.relist is None else job.relist
+    cached = bool(folder and not relist and meta and meta.get("src") == job.src and meta.get("format") == job.format)
+    listed_at = meta.get("listed_at") if cached else (dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+                                                     if folder else None)
+    if cached:
+        buckets, listing_id, list_refs = meta["buckets"], meta["listing_id"], []
+    else:
+        units, known_rows = L.discover_units(job.src, job.dst, storage, max_units=tasks)
+        buckets, listing_id = _auto_buckets(job, known_rows), L.new_listing_id()
+        lister = L.bucket_task(L.list_units, buckets, max_retries=retries)
+        list_refs = [lister(group, ctx, buckets) for group in L.group_units(units, tasks)]
+    # The done set: ok rows of this params_hash in every manifest part, bucketed like the listing.
+    files = manifest_files(job.dst, storage)
+    per = max(1, math.ceil(len(files) / tasks))
+    doner = L.bucket_task(done_tables, buckets, max_retries=retries)
+    done_refs = [doner(files[i : i + per], dst=job.dst, storage=cfg, params_hash=job.params_hash(), buckets=buckets)
+                 for i in range(0, len(files), per)]
+    if write:
+        _remove(join(job.dst, "_state", "todo"), storage)  # shards of an interrupted earlier run
+    planner = ray.remote(max_retries=retries)(L.plan_bucket)
+    refs = []
+    for k in range(buckets):
+        spec = {"storage": cfg,
+                "listing_in": L.listing_part_uri(job.dst, listing_id, k) if cached else None,
+                "listing_out": L.listing_part_uri(job.dst, listing_id, k) if (write and folder and not cached) else None,
+                "todo_out": join(job.dst, "_state", "todo", run_id, f"part-{k:05d}.parquet") if write else None}
+        mine = [r[k] for r in list_refs]
+        refs.append(planner.remote(k, spec, len(mine), *mine, *[r[k] for r in done_refs]))
+    listed = to_do = 0
+    todo_uris, sample = [], []
+    for out in ray.get(refs):  # B small dicts
+        listed += out["listed"]
+        to_do += out["todo"]
+        if out["todo_uri"]:
+            todo_uris.append(out["todo_uri"])
+        sample += out["sample"][: max(0, 5 - len(sample))]
+    if not listed:
         raise FileNotFoundError(f"SRC {job.src} holds no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}); "
                                 "nothing to do")
-    done = done_ids(job.dst, job.storage, job.params_hash())
-    todo = listing.filter(pc.invert(pc.is_in(listing["image_id"], value_set=done))) if len(done) else listing
-    skipped = len(listing) - len(todo)
+    if write and folder and not cached:
+        L.commit_listing(job.dst, storage, {"src": job.src, "format": job.format, "buckets": buckets,
+                                            "listing_id": listing_id, "images": listed, "listed_at": listed_at}, meta)
+    skipped = listed - to_do
     if job.limit:  # at most N to process this run: re-running with the same limit moves on
-        todo = todo.slice(0, job.limit)
-    return Plan(total=len(todo) + skipped, todo=todo, skipped=skipped, listing_cached=cached)
+        to_do = min(to_do, job.limit)
+    return Plan(total=to_do + skipped, to_process=to_do, skipped=skipped, listing_cached=cached,
+                todo_uris=todo_uris, sample=sample, buckets=buckets, run_id=run_id, listed_at=listed_at)
 
 
-def build_dataset(job: UpscaleJob, todo: pa.Table, pools: dict):
+def _remove(uri: str, storage: StorageConfig) -> None:
+    fs, path = filesystem(uri, storage)
+    try:
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    except (OSError, FileNotFoundError):
+        pass  # leftovers cost space, never correctness
+
+
+def io_sizes(job: UpscaleJob, pools: dict, todo: int | None = None) -> tuple[int, int]:
+    """(read/decode tasks, encode/write tasks): from the CPUs the actor pools leave free, unless set.
+
+    With `todo` known, never more tasks than batches of work (more only earns Ray a warning).
+    """
+    r = job.resources
+    if r.io_tasks:
+        reads = writes = r.io_tasks
+    else:
+        cpus = ray_runtime.cluster_cpus() or float(os.cpu_count() or 1)
+        free = max(1.0, cpus - pools["sr_actors"] * pools["sr_cpus"] - pools["semantic_actors"] * pools["semantic_cpus"])
+        # Reads wait on the network (0.25 CPU each, threads inside); encoding is CPU-bound: half the free CPUs each.
+        reads, writes = max(2, int(free * 0.5 / r.io_cpus)), max(2, int(free * 0.5 / r.encode_cpus))
+    if todo:
+        reads, writes = min(reads, math.ceil(todo / r.io_batch)), min(writes, math.ceil(todo / r.sr_batch))
+    return reads, writes
+
+
+def build_dataset(job: UpscaleJob, plan: Plan, pools: dict, journal=None):
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for retry bounds; its catch-all **ray_remote_args warns (removal in 2.64).
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return _build_dataset(job, plan, pools, journal)
+
+
+def _build_dataset(job: UpscaleJob, plan: Plan, pools: dict, journal=None):
     import ray.data
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
-    r = job.resources
-    k = r.rows_per_block
-    blocks = [todo.slice(i, k) for i in range(0, len(todo), k)]
-    io_tasks = min(r.io_tasks, len(blocks))  # more tasks than blocks only earns Ray a warning
+    r, rt = job.resources, job.retries
     model = job.model.model_dump(mode="json")
     storage = job.storage.model_dump(mode="json")
-    ds = ray.data.from_arrow(blocks)
-    # IO stages are cheap to construct: run them as tasks in Ray's pooled workers (Ray Data fuses
-    # read+decode into one task) instead of starting more actor processes.
-    ds = ds.map_batches(io.read_decode, fn_kwargs={"storage": storage, "max_pixels": job.max_pixels},
-                        batch_size=r.io_batch, num_cpus=pools["io_cpus"], compute=TaskPoolStrategy(size=io_tasks))
+    fs, _ = filesystem(plan.todo_uris[0], job.storage)
+    fs.invalidate_cache()  # s3fs may have cached a listing of _state/ from before the shards were written
+    paths = [filesystem(u, job.storage)[1] for u in plan.todo_uris]
+    ds = ray.data.read_parquet(paths, filesystem=fs if is_remote(plan.todo_uris[0]) else None,
+                               ray_remote_args={"max_retries": rt.task_max_retries})
+    if job.limit:
+        ds = ds.limit(plan.to_process)
+    # A todo shard is one block of up to ~250k small rows: split it (streaming) so read tasks run in parallel.
+    ds = ds.repartition(target_num_rows_per_block=r.io_batch)
+    reads, writes = io_sizes(job, pools, plan.to_process)
+    guard = {"journal": journal, "max_crashes": rt.max_crashes_per_image}
+    # Bounded (Ray Data's defaults are -1: a crashing input would be retried forever).
+    task_retry = {"max_retries": rt.task_max_retries}
+    actor_retry = {"max_restarts": rt.actor_max_restarts, "max_task_retries": rt.actor_max_task_retries}
+    gpu = pools["sr_gpus"] > 0
+    sr_mem = r.sr_memory_gb if r.sr_memory_gb is not None else (8.0 if gpu else 0.0)
+    sem_mem = r.semantic_memory_gb if r.semantic_memory_gb is not None else (3.0 if gpu else 0.0)
+    s = job.model.sampler
+    group = {"scale": s.upscale, "process_size": s.process_size, "multiple": job.model.tiling.pad_multiple}
+    ds = ds.map_batches(io.read_decode, fn_kwargs={"storage": storage, "max_pixels": job.max_pixels,
+                                                   "fetch_threads": r.fetch_threads, "group": group, **guard},
+                        batch_size=r.io_batch, num_cpus=pools["io_cpus"], compute=TaskPoolStrategy(size=reads),
+                        **task_retry)
     sr_kwargs = {"config": model, "base_seed": job.base_seed, "cpu_threads": pools.get("cpu_threads"),
-                 "max_output_pixels": job.max_output_pixels, "storage": storage}
+                 "max_output_pixels": job.max_output_pixels, "storage": storage, **guard}
     # Min..max: a fixed cluster gets min == max (every actor up front); an autoscaling one grows GPU nodes.
     sr_pool = ActorPoolStrategy(min_size=pools["sr_actors"], max_size=pools["sr_actors_max"])
-    if pools["layout"] == "fused":
-        ds = ds.map_batches(SemanticSRStage, fn_constructor_kwargs={**sr_kwargs, "cache_uri": job.cache_semantic},
-                            batch_size=r.sr_batch, compute=sr_pool, num_gpus=pools["sr_gpus"], num_cpus=pools["sr_cpus"])
+    if pools["layout"] == "fused":  # one actor holds both models: its memory is both reservations
+        mem = sr_mem + sem_mem
+        ds = ds.map_batches(guarded(SemanticSRStage, "sr"),
+                            fn_constructor_kwargs={**sr_kwargs, "cache_uri": job.cache_semantic},
+                            batch_size=r.sr_batch, compute=sr_pool, num_gpus=pools["sr_gpus"], num_cpus=pools["sr_cpus"],
+                            **({"memory": mem * 2**30} if mem else {}), **actor_retry)
     else:
-        ds = ds.map_batches(SemanticStage, fn_constructor_kwargs={"config": model, "cpu_threads": pools.get("cpu_threads"),
-                                                                   "cache_uri": job.cache_semantic, "storage": storage},
+        ds = ds.map_batches(guarded(SemanticStage, "semantic"),
+                            fn_constructor_kwargs={"config": model, "cpu_threads": pools.get("cpu_threads"),
+                                                   "cache_uri": job.cache_semantic, "storage": storage, **guard},
                             batch_size=r.semantic_batch, compute=ActorPoolStrategy(size=pools["semantic_actors"]),
-                            num_gpus=pools["semantic_gpus"], num_cpus=pools["semantic_cpus"])
-        ds = ds.map_batches(SRStage, fn_constructor_kwargs=sr_kwargs, batch_size=r.sr_batch, compute=sr_pool,
-                            num_gpus=pools["sr_gpus"], num_cpus=pools["sr_cpus"])
-    ds = ds.map_batches(io.write, fn_kwargs={"dst": job.dst, "fmt": job.format, "quality": job.quality, "storage": storage},
-                        batch_size=r.io_batch, num_cpus=pools["io_cpus"], compute=TaskPoolStrategy(size=io_tasks))
+                            num_gpus=pools["semantic_gpus"], num_cpus=pools["semantic_cpus"],
+                            **({"memory": sem_mem * 2**30} if sem_mem else {}), **actor_retry)
+        ds = ds.map_batches(guarded(SRStage, "sr"), fn_constructor_kwargs=sr_kwargs,
+                            batch_size=r.sr_batch, compute=sr_pool, num_gpus=pools["sr_gpus"], num_cpus=pools["sr_cpus"],
+                            **({"memory": sr_mem * 2**30} if sr_mem else {}), **actor_retry)
+    ds = ds.map_batches(io.write, fn_kwargs={"dst": job.dst, "fmt": job.format, "quality": job.quality,
+                                             "storage": storage, **guard},
+                        batch_size=r.sr_batch, num_cpus=r.encode_cpus, compute=TaskPoolStrategy(size=writes),
+                        **task_retry)
+    meta = dict(dst=job.dst, run_id=plan.run_id, storage=storage, params_hash=job.params_hash(),
+                model_id=_model_id(job), node_id=socket.gethostname())
+    ds = ds.map_batches(write_part, fn_kwargs=meta, batch_size=job.manifest_rows_per_file, num_cpus=0.25,
+                        compute=TaskPoolStrategy(size=2), **task_retry)
     return ds
 
 
 class Tally:
-    """Running counts for the summary: the driver keeps no per-image state (corpora of millions)."""
+    """Running counts from the sink's count rows: the driver keeps no per-image state."""
 
     def __init__(self):
-        self.status: Counter = Counter()
+        self.rows = self.ok = self.parts = 0
         self.errors: Counter = Counter()
         self.stage_ms = {s: [0.0, 0] for s in STAGES}
 
-    def add(self, rows: list[dict]) -> None:
-        for r in rows:
-            self.status[r["status"]] += 1
-            if r["error_type"]:
-                self.errors[r["error_type"]] += 1
-            for s, v in r["timings_ms"].items():
-                if v:
-                    self.stage_ms[s][0] += v
-                    self.stage_ms[s][1] += 1
+    def add(self, rec: dict) -> None:
+        self.parts += 1
+        self.rows += int(rec["rows"])
+        self.ok += int(rec["ok"])
+        self.errors.update(json.loads(str(rec["error_types"])))
+        for s in STAGES:
+            self.stage_ms[s][0] += float(rec[f"{s}_ms_sum"])
+            self.stage_ms[s][1] += int(rec[f"{s}_n"])
 
 
-def summarize(tally: Tally, plan: Plan, wall: float, job: UpscaleJob) -> dict:
-    status = Counter(tally.status)
-    if plan.skipped:
-        status["skipped"] += plan.skipped
-    processed = sum(tally.status.values())
+def summarize(tally: Tally, plan: Plan, wall: float, job: UpscaleJob, state: str) -> dict:
+    status = Counter({"ok": tally.ok, "error": tally.rows - tally.ok, "skipped": plan.skipped})
     per_stage = {
         s: {"ms_per_image": round(total / n, 3), "images_per_s_per_worker": round(1000 * n / total, 3)}
         for s, (total, n) in tally.stage_ms.items() if n and total
     }
     return {
+        "run_id": plan.run_id,
+        "state": state,
         "src": job.src,
         "dst": job.dst,
         "preset": job.model.name,
         "params_hash": job.params_hash(),
         "images": plan.total,
-        "by_status": dict(status),
+        "by_status": {k: v for k, v in status.items() if v},
         "by_error_type": dict(tally.errors),
-        "processed": processed,
+        "processed": tally.rows,
+        # Planned but without a row this run (blocks lost past every retry, or an interrupted run): redone on resume.
+        "unaccounted": max(0, plan.to_process - tally.rows),
+        "manifest": run_dir(job.dst, plan.run_id),
+        "manifest_parts": tally.parts,
         "wall_s": round(wall, 3),
-        "images_per_s": round(processed / wall, 4) if wall > 0 else None,
+        "images_per_s": round(tally.rows / wall, 4) if wall > 0 else None,
         "stages": per_stage,
         "pools": plan.pools,
         "listing_reused": plan.listing_cached,
+        "plan_buckets": plan.buckets,
     }
 
 
-def run_upscale(job: UpscaleJob, *, on_plan=None, on_rows=None, num_cpus: int | None = None) -> dict:
-    """Run the job to the end; `on_plan(plan)` sees the plan, `on_rows(rows)` each batch of manifest rows."""
+def run_upscale(job: UpscaleJob, *, on_plan=None, on_progress: ProgressFn | None = None,
+                num_cpus: int | None = None) -> dict:
+    """Run the job to the end and return its summary (also written to DST/_runs/<run>/ and _runs/latest/).
+
+    Hooks: `on_plan(plan)` once planned (counts and pools); `on_progress(done, errors, total)` after each
+    manifest part, with running totals of this run (the progress display's hook).
+    """
     check_source(job)  # missing weights fail here, not inside every actor
+    check_paths(job)  # so do a missing SRC and an unusable DST, before any cluster is started
     with DstLease(job.dst, job.storage):  # one writer per DST: a second run fails naming this one
-        return _run_leased(job, on_plan=on_plan, on_rows=on_rows, num_cpus=num_cpus)
+        return _run_leased(job, on_plan=on_plan, on_progress=on_progress, num_cpus=num_cpus)
 
 
-def _run_leased(job: UpscaleJob, *, on_plan=None, on_rows=None, num_cpus: int | None = None) -> dict:
+def _run_leased(job: UpscaleJob, *, on_plan=None, on_progress: ProgressFn | None = None,
+                num_cpus: int | None = None) -> dict:
+    import ray
+
     started = time.perf_counter()
-    plan = make_plan(job)  # bad SRC/DST fail here, before any cluster is started
     where = ray_runtime.connect(job.address, num_cpus=num_cpus)
     check_paths_reach_nodes(job)
     import ray.data
@@ -157,29 +303,48 @@ def _run_leased(job: UpscaleJob, *, on_plan=None, on_rows=None, num_cpus: int | 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the CLI draws its own
     ctx.wait_for_min_actors_s = int(job.actor_start_timeout_s)  # never hang silently on unschedulable actors
+    ctx.max_errored_blocks = job.retries.max_errored_blocks
+    plan = make_plan(job)
     plan.pools = plan_pools(job, nodes=ray_runtime.alive_nodes(), autoscale=ray_runtime.autoscaling_node_types(),
-                            todo=len(plan.todo))
-    log.info("ugcsr: Ray at %s; %d image(s) to process, %d skipped; pools %s", where, len(plan.todo), plan.skipped,
+                            todo=plan.to_process)
+    log.info("ugcsr: Ray at %s; %d image(s) to process, %d skipped; pools %s", where, plan.to_process, plan.skipped,
              json.dumps(plan.pools))
     if on_plan:
         on_plan(plan)
-    writer = ManifestWriter(job.dst, job.storage, max_delay_s=job.manifest_flush_s)
-    tally = Tally()
-    meta = dict(params_hash=job.params_hash(), model_id=_model_id(job), node_id=socket.gethostname())
+    tally, state = Tally(), "failed"
+    journal = None
     try:
-        if len(plan.todo):
-            ds = build_dataset(job, plan.todo, plan.pools)
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
-                new = rows_from_batch(batch, **meta)
-                writer.add(new)
-                tally.add(new)
-                if on_rows:
-                    on_rows(new)
+        if plan.to_process:
+            journal = ray.remote(num_cpus=0, max_restarts=-1)(CrashJournal).remote()
+            ds = build_dataset(job, plan, plan.pools, journal)
+            batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0))
+            try:
+                for batch in batches:
+                    for rec in batch.to_pylist():
+                        tally.add(rec)
+                    if on_progress:
+                        on_progress(tally.rows, tally.rows - tally.ok, plan.to_process)
+            finally:
+                if hasattr(batches, "close"):
+                    batches.close()  # an interrupted run stops its executor and releases its actors
+        state = "finished"
     finally:
-        writer.flush()  # rows of images already written survive a failing or interrupted run
-    summary = summarize(tally, plan, time.perf_counter() - started, job)
-    write_bytes_atomic(join(job.dst, "_manifest", "summary.json"), json.dumps(summary, indent=2).encode(), job.storage)
+        # A summary even for a failed or interrupted run: what was written is in the manifest.
+        summary = summarize(tally, plan, time.perf_counter() - started, job, state)
+        write_summary(job.dst, plan.run_id, summary, job.storage)
+        _remove(join(job.dst, "_state", "todo", plan.run_id), job.storage)
+        if journal is not None:
+            ray.kill(journal)
     return summary
+
+
+def check_paths(job: UpscaleJob) -> None:
+    fs, path = filesystem(job.src, job.storage)
+    if not fs.exists(path):
+        what = "list file" if L._is_list_file(job.src) else "folder/prefix"
+        raise FileNotFoundError(f"SRC {job.src} does not exist (expected a {what} of images)")
+    if not is_remote(job.dst) and os.path.exists(job.dst) and not os.path.isdir(job.dst):
+        raise NotADirectoryError(f"DST {job.dst} is a file; give a folder or prefix for the outputs")
 
 
 def check_source(job: UpscaleJob) -> None:
@@ -218,27 +383,26 @@ def _model_id(job: UpscaleJob) -> str:
 
 
 def dry_run(job: UpscaleJob) -> dict:
-    """What would run: counts to process/skip and the pools asked for, without loading any model."""
-    nodes, autoscale = None, []
-    try:
-        import ray
+    """What would run: counts to process/skip and the pools asked for; loads no model, writes nothing.
 
-        if ray.is_initialized() or ray_runtime.target(job.address):
-            ray_runtime.connect(job.address)
-            nodes, autoscale = ray_runtime.alive_nodes(), ray_runtime.autoscaling_node_types()
-    except Exception:  # noqa: BLE001 - a dry run never needs a cluster
-        pass
-    plan = make_plan(job, save_listing=False)  # a dry run writes nothing and loads no model
+    Planning runs as Ray tasks (an embedded local Ray when no address is given).
+    """
+    check_paths(job)
+    ray_runtime.connect(job.address)
+    plan = make_plan(job, write=False)
     try:
-        plan.pools = plan_pools(job, nodes=nodes, autoscale=autoscale, todo=len(plan.todo))
+        pools = plan_pools(job, nodes=ray_runtime.alive_nodes(), autoscale=ray_runtime.autoscaling_node_types(),
+                           todo=plan.to_process)
     except ValueError as err:  # what the real run would refuse, said instead of a pool plan
-        plan.pools = {"error": str(err)}
+        pools = {"error": str(err)}
     return {
         "images": plan.total,
-        "to_process": len(plan.todo),
+        "to_process": plan.to_process,
         "to_skip": plan.skipped,
         "listing_reused": plan.listing_cached,
+        "listed_at": plan.listed_at,
         "params_hash": job.params_hash(),
-        "pools": plan.pools,
-        "first": plan.todo.slice(0, 5).column("src_uri").to_pylist(),
+        "plan_buckets": plan.buckets,
+        "pools": pools,
+        "first": plan.sample,
     }

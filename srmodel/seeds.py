@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def image_id_from_uri(uri: str) -> str:
@@ -18,6 +20,8 @@ def seed_for(image_id: str, base_seed: int = 0) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def generator_for(seed: int) -> torch.Generator:
+def generator_for(seed: int) -> "torch.Generator":
+    import torch  # here, not at the top: listing/planning tasks hash URIs and must not pay torch's import
+
     # CPU generators: the same seed gives the same noise on any accelerator.
     return torch.Generator(device="cpu").manual_seed(seed)

@@ -8,15 +8,16 @@ where the pipeline would put it, with manifest rows like the pipeline's.
 from __future__ import annotations
 
 import datetime as dt
-import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from cluster.storage import StorageConfig
+import pyarrow.parquet as pq
+
 from pipelines.listing import list_inputs
-from pipelines.manifest import ManifestWriter
+from pipelines.manifest import run_dir, to_table, write_summary
 
 RNG = np.random.default_rng(7)
 
@@ -48,11 +49,11 @@ def write_pairs(root: Path) -> dict:
 
 
 def fake_upscale_run(src: Path, dst: Path, *, noise: int = 4) -> dict:
-    """DST as `ugcsr upscale` leaves it: outputs, _state/listing.parquet, manifest parts (two runs), summary.json."""
+    """DST as `ugcsr upscale` leaves it: outputs, manifest parts in run=<id>/ folders (two runs), _runs/ summaries."""
     storage = StorageConfig()
-    listing, _ = list_inputs(str(src), str(dst), storage, "png")
+    listing = list_inputs(str(src), str(dst), storage, "png")
     start = dt.datetime(2026, 11, 29, 12, 0, tzinfo=dt.timezone.utc)
-    first, second = ManifestWriter(str(dst), storage), ManifestWriter(str(dst), storage)
+    first, second = [], []  # the rows of each run
     outputs = {}
     for k, (iid, uri, key) in enumerate(zip(*(listing[c].to_pylist() for c in ("image_id", "src_uri", "dst_key")))):
         path = Path(uri.removeprefix("file://"))
@@ -64,13 +65,13 @@ def fake_upscale_run(src: Path, dst: Path, *, noise: int = 4) -> dict:
             lr = Image.open(path).convert("RGB")
             lr.load()
         except OSError as err:
-            first.add([dict(base, status="error", stage="decode", error_type="DecodeError",
-                            error_message=f"{uri}: not an image file: {err}", finished_at=when)])
+            first.append(dict(base, status="error", stage="decode", error_type="DecodeError",
+                              error_message=f"{uri}: not an image file: {err}", finished_at=when))
             continue
         w, h = lr.size
         if key == "a.png":  # failed in the first run, succeeded when the run was resumed
-            first.add([dict(base, status="error", stage="sr", error_type="RuntimeError",
-                            error_message="CUDA out of memory (simulated)", finished_at=when)])
+            first.append(dict(base, status="error", stage="sr", error_type="RuntimeError",
+                              error_message="CUDA out of memory (simulated)", finished_at=when))
             when += dt.timedelta(minutes=5)
         up = np.asarray(lr.resize((4 * w, 4 * h), Image.BICUBIC)).astype(int)
         out = np.clip(up + RNG.integers(-noise, noise + 1, up.shape), 0, 255).astype(np.uint8)
@@ -78,12 +79,14 @@ def fake_upscale_run(src: Path, dst: Path, *, noise: int = 4) -> dict:
         Image.fromarray(out).save(dst / key)
         outputs[key] = dst / key
         writer = second if key == "a.png" else first
-        writer.add([dict(base, status="ok", src_width=w, src_height=h, dst_uri=str(dst / key), dst_width=4 * w,
-                         dst_height=4 * h, finished_at=when)])
-    first.flush()
-    second.flush()
+        writer.append(dict(base, status="ok", src_width=w, src_height=h, dst_uri=str(dst / key), dst_width=4 * w,
+                           dst_height=4 * h, finished_at=when))
+    for run, rows in (("20261129T120000Z-aaaaaa", first), ("20261129T120500Z-bbbbbb", second)):
+        folder = Path(run_dir(str(dst), run))
+        folder.mkdir(parents=True, exist_ok=True)
+        pq.write_table(to_table(rows), folder / "part-0.parquet")
     summary = {"src": str(src), "dst": str(dst), "preset": "tiny", "params_hash": "p" * 16, "images": len(listing),
                "by_status": {"ok": len(outputs), "error": 1}, "wall_s": 4.2, "images_per_s": 1.7,
                "pools": {"sr_actors": 1, "semantic_actors": 1}}
-    (dst / "_manifest" / "summary.json").write_text(json.dumps(summary))
+    write_summary(str(dst), "20261129T120500Z-bbbbbb", summary, storage)
     return outputs

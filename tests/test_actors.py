@@ -9,7 +9,7 @@ from actors.decode import DecodeStage
 from actors.read import ReadStage
 from actors.sr import SRStage
 from actors.write import WriteStage, encode_image
-from cluster.storage import StorageConfig, is_transient, with_retries
+from cluster.storage import StorageConfig
 from inputs import write_inputs
 from pipelines.paths import output_key
 from srmodel import get_preset
@@ -40,28 +40,6 @@ def test_rgba_is_composited_on_white_and_exif_applied(tmp_path):
     transparent.save(buf, "PNG")
     out = DecodeStage()({"image_id": ["a"], "src_uri": ["x"], "bytes": [buf.getvalue()]})
     assert (out["image"][0] == 255).all()
-
-
-def test_transient_errors_are_retried_permanent_ones_not():
-    calls = {"n": 0}
-
-    def flaky():
-        calls["n"] += 1
-        if calls["n"] < 3:
-            raise OSError("503 Service Unavailable (SlowDown)")
-        return b"ok"
-
-    cfg = StorageConfig(retries=4, backoff_s=0.001)
-    assert with_retries(flaky, cfg, "x") == b"ok" and calls["n"] == 3
-    calls["n"] = 0
-    with pytest.raises(FileNotFoundError):
-        with_retries(lambda: (calls.__setitem__("n", calls["n"] + 1), (_ for _ in ()).throw(FileNotFoundError("404")))[1], cfg, "x")
-    assert calls["n"] == 1
-    assert is_transient(ConnectionError()) and is_transient(TimeoutError())
-    assert not is_transient(PermissionError("403")) and not is_transient(ValueError("bad"))
-    always = lambda: (_ for _ in ()).throw(OSError("500 InternalError"))  # noqa: E731
-    with pytest.raises(OSError):
-        with_retries(always, StorageConfig(retries=2, backoff_s=0.001), "x")
 
 
 def test_read_stage_turns_missing_objects_into_rows(tmp_path):

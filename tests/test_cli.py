@@ -29,10 +29,10 @@ def test_readme_main_command_on_samples(tmp_path, tiny_model, monkeypatch):
         src = next((ROOT / "samples").glob(f"{name}.*"))
         w, h = Image.open(src).size
         assert Image.open(dst / f"{name}.png").size == (4 * w, 4 * h)
-    rows = [r for f in (dst / "_manifest").glob("*.parquet") for r in pq.read_table(f).to_pylist()]
+    rows = [r for f in (dst / "_manifest").rglob("*.parquet") for r in pq.read_table(f).to_pylist()]
     assert sorted(r["status"] for r in rows) == ["ok"] * 3
     assert all(r["params_hash"] and r["seed"] is not None and r["dst_uri"].startswith("file://") for r in rows)
-    summary = json.loads((dst / "_manifest" / "summary.json").read_text())
+    summary = json.loads((dst / "_runs" / "latest" / "summary.json").read_text())
     assert summary["by_status"] == {"ok": 3}
 
 

@@ -47,14 +47,14 @@ def test_driver_killed_then_resumed_matches_a_clean_run(ray_local, tmp_path, tin
     src = make_src(tmp_path / "src", 12)
     dst, clean = tmp_path / "out", tmp_path / "clean"
     cfg = tmp_path / "job.yaml"
-    cfg.write_text(yaml.safe_dump({"model": model(), "manifest_flush_s": 0,
-                                   "resources": {"sr_batch": 2, "io_batch": 2, "semantic_batch": 2, "rows_per_block": 2}}))
+    cfg.write_text(yaml.safe_dump({"model": model(), "manifest_rows_per_file": 2,
+                                   "resources": {"sr_batch": 2, "io_batch": 2, "semantic_batch": 2}}))
     cmd = [sys.executable, "-m", "pipelines.cli", "upscale", str(src), str(dst), "--config", str(cfg)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
                             env={**os.environ, "UGCSR_CACHE": tiny_cache})
     deadline = time.time() + 300
     try:
-        while time.time() < deadline and proc.poll() is None and not list((dst / "_manifest").glob("part-*.parquet")):
+        while time.time() < deadline and proc.poll() is None and not list((dst / "_manifest").rglob("part-*.parquet")):
             time.sleep(0.1)
         assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
     finally:
@@ -95,8 +95,8 @@ def _sr_actor_pids():
 def test_sr_actor_killed_mid_run_loses_and_duplicates_nothing(ray_local, tmp_path):
     src = make_src(tmp_path / "src", 10)
     dst = tmp_path / "out"
-    job = UpscaleJob.model_validate({"src": str(src), "dst": str(dst), "model": model(), "manifest_flush_s": 0,
-                                     "resources": {"sr_batch": 2, "io_batch": 2, "semantic_batch": 2, "rows_per_block": 2}})
+    job = UpscaleJob.model_validate({"src": str(src), "dst": str(dst), "model": model(), "manifest_rows_per_file": 2,
+                                     "resources": {"sr_batch": 2, "io_batch": 2, "semantic_batch": 2}})
     first_rows = threading.Event()
     result = {}
 

@@ -1,13 +1,19 @@
-"""Listing, output keys, resume rules and planning, without Ray."""
+"""Listing, output keys, resume rules and planning as Ray tasks; storage error classification."""
 
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from cluster.storage import StorageConfig
+from cluster.storage import StorageConfig, error_code, is_transient
 from inputs import rng_image
 from pipelines.job import UpscaleJob
-from pipelines.listing import list_inputs
+from pipelines.listing import list_inputs, merge_bucket, split_buckets
+from pipelines.manifest import SCHEMA, compact, read_manifest, to_table
 from pipelines.upscale import make_plan, plan_pools
 from srmodel import get_preset
+from srmodel.seeds import image_id_from_uri
 
 S = StorageConfig()
 
@@ -20,42 +26,114 @@ def test_same_stem_different_extension_gets_distinct_outputs(tmp_path):
     rng_image(8, 8).save(tmp_path / "cat.jpg")
     rng_image(8, 8).save(tmp_path / "cat.png")
     rng_image(8, 8).save(tmp_path / "dog.png")
-    table, _ = list_inputs(str(tmp_path), str(tmp_path / "out"), S, "png")
-    keys = table.column("dst_key").to_pylist()
+    keys = list_inputs(str(tmp_path), str(tmp_path / "out"), S, "png").column("dst_key").to_pylist()
     assert len(set(keys)) == 3 and "dog.png" in keys
     assert all(k.startswith("cat-") for k in keys if k != "dog.png")
 
 
-def test_list_file_duplicates_relative_paths_and_no_caching(tmp_path, monkeypatch):
+def test_buckets_keep_clashing_keys_together_and_dedupe_uris():
+    uris = [f"file:///d/{(i % 100) // 2}.{'jpg' if i % 2 else 'png'}" for i in range(200)]  # 100 distinct, clashing stems
+    keys = [u.rsplit("/", 1)[1].split(".")[0] + ".png" for u in uris]
+    table = pa.table({"image_id": [image_id_from_uri(u) for u in uris], "src_uri": uris, "dst_key": keys})
+    parts = split_buckets(table, keys, 7)
+    assert sum(len(p) for p in parts) == 200
+    merged = [merge_bucket([p]) for p in parts]
+    assert sum(len(m) for m in merged) == 100, "one row per distinct URI"
+    out = [k for m in merged for k in m.column("dst_key").to_pylist()]
+    assert len(out) == len(set(out)) == 100, "clashing output keys met in one bucket and were made distinct"
+
+
+def test_list_file_duplicates_relative_paths(ray_local, tmp_path, monkeypatch):
     rng_image(8, 8).save(tmp_path / "a.png")
     lst = tmp_path / "list.txt"
     lst.write_text("a.png\na.png\n# comment\n")
     monkeypatch.chdir(tmp_path)
-    table, cached = list_inputs(str(lst), str(tmp_path / "out"), S, "png")
-    assert table.column("src_uri").to_pylist() == [f"file://{tmp_path}/a.png"]
+    plan = make_plan(job(lst, tmp_path / "out"), write=False)
+    assert plan.total == 1 and plan.sample == [f"file://{tmp_path}/a.png"]
     lst.write_text("a.png\nb.png\n")
-    table, cached = list_inputs(str(lst), str(tmp_path / "out"), S, "png")
-    assert len(table) == 2 and cached is False, "a list file is read afresh every run"
+    plan = make_plan(job(lst, tmp_path / "out"), write=False)
+    assert plan.total == 2 and not plan.listing_cached, "a list file is read afresh every run"
 
 
-def test_folder_listing_is_cached_until_relist_and_skips_dst_inside_src(tmp_path):
-    rng_image(8, 8).save(tmp_path / "a.png")
-    (tmp_path / "out").mkdir()
-    rng_image(8, 8).save(tmp_path / "out" / "a.png")  # an earlier output
-    table, cached = list_inputs(str(tmp_path), str(tmp_path / "out"), S, "png")
-    assert table.column("dst_key").to_pylist() == ["a.png"] and not cached
-    rng_image(8, 8).save(tmp_path / "b.png")
-    table, cached = list_inputs(str(tmp_path), str(tmp_path / "out"), S, "png", relist=False)
-    assert len(table) == 1 and cached
-    table, cached = list_inputs(str(tmp_path), str(tmp_path / "out"), S, "png", relist=True)
-    assert len(table) == 2 and not cached
+def test_folder_listing_is_sharded_cached_until_relist_and_skips_dst(ray_local, tmp_path):
+    src = tmp_path / "src"
+    (src / "sub" / "deeper").mkdir(parents=True)
+    for k in range(6):
+        rng_image(8, 8, k).save(src / ("sub" if k % 2 else ".") / f"{k}.png")
+    rng_image(8, 8).save(src / "sub" / "deeper" / "x.jpg")
+    (src / "out").mkdir()
+    rng_image(8, 8).save(src / "out" / "old.png")  # an earlier output inside SRC
+    j = job(src, src / "out", plan_buckets=3, relist=False)
+    plan = make_plan(j)
+    assert plan.total == plan.to_process == 7 and not plan.listing_cached and plan.buckets == 3
+    meta = json.loads((src / "out" / "_state" / "listing.json").read_text())
+    shards = sorted((src / "out" / "_state" / "listing" / meta["listing_id"]).glob("part-*.parquet"))
+    assert len(shards) == 3 and sum(pq.read_metadata(p).num_rows for p in shards) == 7
+    assert all("/out/" not in u for p in shards for u in pq.read_table(p).column("src_uri").to_pylist())
+    rng_image(8, 8).save(src / "new.png")
+    assert make_plan(j).total == 7 and make_plan(j).listing_cached
+    again = make_plan(j.model_copy(update={"relist": True}))
+    assert again.total == 8 and not again.listing_cached and again.listed_at
+    assert not (src / "out" / "_state" / "listing" / meta["listing_id"]).exists(), "the old listing is removed"
+    (src / "newer.png").write_bytes((src / "new.png").read_bytes())
+    default = make_plan(j.model_copy(update={"relist": None}))
+    assert default.total == 9 and not default.listing_cached, "local folders are listed again by default"
 
 
-def test_limit_counts_images_still_to_do(tmp_path):
-    for k in range(5):
-        rng_image(8, 8, k).save(tmp_path / f"{k}.png")
-    plan = make_plan(job(tmp_path, tmp_path / "out", limit=2), save_listing=False)
-    assert len(plan.todo) == 2 and plan.skipped == 0
+def _fake_manifest(dst, rows, run="r1"):
+    d = dst / "_manifest" / f"run={run}"
+    d.mkdir(parents=True, exist_ok=True)
+    pq.write_table(to_table(rows), d / f"part-{len(list(d.iterdir()))}.parquet")
+
+
+def _row(listing_row, dst, status="ok", params="p", when=0):
+    import datetime as dt
+
+    return {"image_id": listing_row["image_id"], "src_uri": listing_row["src_uri"], "status": status,
+            "params_hash": params, "dst_uri": f"file://{dst}/{listing_row['dst_key']}" if status == "ok" else None,
+            "timings_ms": {}, "finished_at": dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(seconds=when)}
+
+
+def test_resume_anti_join_in_ray_and_limit(ray_local, tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    for k in range(10):
+        rng_image(8, 8, k).save(src / f"{k}.png")
+    j = job(src, dst, plan_buckets=4)
+    listing = list_inputs(str(src), str(dst), S, "png").to_pylist()
+    p = j.params_hash()
+    # 4 done with these settings, 1 done with other settings, 1 failed: 6 remain
+    _fake_manifest(dst, [_row(r, dst, params=p) for r in listing[:4]] + [_row(listing[4], dst, params="other"),
+                                                                          _row(listing[5], dst, status="error", params=p)])
+    plan = make_plan(j)
+    assert (plan.total, plan.to_process, plan.skipped) == (10, 6, 4)
+    todo = pa.concat_tables([pq.read_table(u) for u in plan.todo_uris])
+    assert sorted(todo.column("image_id").to_pylist()) == sorted(r["image_id"] for r in listing[4:])
+    limited = make_plan(j.model_copy(update={"limit": 2}), write=False)
+    assert limited.to_process == 2 and limited.skipped == 4
+
+
+def test_compaction_keeps_the_latest_row_and_resume_reads_both_layouts(ray_local, tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    for k in range(6):
+        rng_image(8, 8, k).save(src / f"{k}.png")
+    j = job(src, dst, plan_buckets=2)
+    listing = list_inputs(str(src), str(dst), S, "png").to_pylist()
+    p = j.params_hash()
+    _fake_manifest(dst, [_row(r, dst, status="error", params=p, when=0) for r in listing], run="a")
+    for i, r in enumerate(listing[:3]):
+        _fake_manifest(dst, [_row(r, dst, params=p, when=10 + i)], run="b")
+    assert make_plan(j, write=False).to_process == 3
+    out = compact(str(dst), S, rows_per_file=4)
+    assert out["files_before"] == 4 and out["rows_before"] == 9 and out["rows_after"] == 6
+    rows = read_manifest(str(dst), S).to_pylist()
+    assert len(rows) == 6 and sum(r["status"] == "ok" for r in rows) == 3, "latest row per image and params_hash"
+    assert all(f.parent.name.startswith("run=compacted-") for f in (dst / "_manifest").rglob("*.parquet"))
+    assert make_plan(j, write=False).to_process == 3, "resume reads compacted parts"
+    _fake_manifest(dst, [_row(listing[3], dst, params=p, when=99)], run="c")
+    assert make_plan(j, write=False).to_process == 2, "...and new run folders beside them"
+    assert pq.read_table(next((dst / "_manifest").rglob("*.parquet"))).schema.equals(SCHEMA)
 
 
 def test_output_settings_are_part_of_the_resume_key(tmp_path):
@@ -81,3 +159,27 @@ def test_local_paths_become_absolute(tmp_path, monkeypatch):
     assert job("s3://b/in", "s3://b/out").src == "s3://b/in"
     with pytest.raises(Exception, match="extra"):
         UpscaleJob.model_validate({"src": "a", "dst": "b", "model": get_preset("tiny").model_dump(), "bogus": 1})
+
+
+def test_storage_errors_are_classified_by_code_not_message():
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    def client_error(code, status):
+        return ClientError({"Error": {"Code": code, "Message": "x"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+    def wrapped(err):  # what s3fs raises: an OSError whose cause is the botocore error
+        try:
+            raise OSError("IMG_5003.jpg: 500 problem") from err
+        except OSError as e:
+            return e
+
+    assert is_transient(wrapped(client_error("SlowDown", 503))) and error_code(wrapped(client_error("SlowDown", 503))) == "SlowDown"
+    assert is_transient(client_error("Whatever", 502)) and is_transient(EndpointConnectionError(endpoint_url="http://x"))
+    assert not is_transient(wrapped(client_error("AccessDenied", 403))), "the key's digits are not a status"
+    assert not is_transient(OSError("cannot read IMG_5003.jpg")) and error_code(OSError("503")) == "OSError"
+    assert not is_transient(FileNotFoundError("IMG_500.jpg"))
+    opts = StorageConfig(max_attempts=3, retry_mode="adaptive").s3_options()
+    assert opts["config_kwargs"]["retries"] == {"mode": "adaptive", "max_attempts": 3}
+    from cluster.storage import filesystem
+
+    assert filesystem("s3://b/k", StorageConfig(body_retries=4, endpoint_url="http://127.0.0.1:9"))[0].retries == 4

@@ -34,8 +34,8 @@ def job(src, dst):
     m = get_preset("tiny").model_dump(mode="json")
     m["sampler"].update(steps=3)
     return UpscaleJob.model_validate({
-        "src": str(src), "dst": str(dst), "model": m, "manifest_flush_s": 0,
-        "resources": {"sr_actors": 2, "sr_batch": 2, "io_batch": 2, "semantic_batch": 2, "rows_per_block": 2},
+        "src": str(src), "dst": str(dst), "model": m, "manifest_rows_per_file": 2,
+        "resources": {"sr_actors": 2, "sr_batch": 2, "io_batch": 2, "semantic_batch": 2},
     })
 
 

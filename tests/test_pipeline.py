@@ -57,10 +57,16 @@ def test_every_bad_and_unusual_input_in_one_run(ray_local, tmp_path, scale):
     assert summary["by_status"] == {"ok": 12, "error": 5}
     assert len({r["tags"] for r in rows.values() if r["status"] == "ok"}) > 1, "tags differ between images"
     assert summary["by_error_type"] == {"DecodeError": 5}
-    assert json.loads((dst / "_manifest" / "summary.json").read_text())["by_status"] == summary["by_status"]
-    # readable as it is, with the documented schema
-    table = pq.read_table(next((dst / "_manifest").glob("part-*.parquet")))
-    assert table.schema.equals(SCHEMA)
+    run = summary["run_id"]
+    for where in (run, "latest"):
+        assert json.loads((dst / "_runs" / where / "summary.json").read_text())["by_status"] == summary["by_status"]
+    # readable as it is, with the documented schema; _manifest/ holds only Parquet, one folder per run
+    files = [p for p in (dst / "_manifest").rglob("*") if p.is_file()]
+    assert files and all(p.suffix == ".parquet" and p.parent.name == f"run={run}" for p in files)
+    assert pq.read_table(files[0]).schema.equals(SCHEMA)
+    import pyarrow.dataset as pads
+
+    assert pads.dataset(dst / "_manifest", partitioning="hive").to_table().num_rows == 17
 
 
 def test_resume_skips_done_and_retries_the_rest(ray_local, tmp_path):
@@ -100,6 +106,7 @@ def test_dry_run_loads_no_model(tmp_path, monkeypatch):
     plan = dry_run(job(src, tmp_path / "out", limit=2))
     assert plan["images"] == 2 and plan["to_process"] == 2 and plan["to_skip"] == 0
     assert plan["pools"]["sr_actors"] >= 1
+    assert not (tmp_path / "out").exists(), "a dry run writes nothing"
 
 
 def test_s3_source_and_destination(ray_local, tmp_path, s3, s3_endpoint):
@@ -115,7 +122,8 @@ def test_s3_source_and_destination(ray_local, tmp_path, s3, s3_endpoint):
     assert summary["by_status"] == {"ok": 3, "error": 1}
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="dst", Prefix="out/")["Contents"])
     assert [k for k in keys if k.endswith(".png")] == ["out/a/0.png", "out/a/1.png", "out/a/2.png"]
-    assert any(k.startswith("out/_manifest/part-") for k in keys) and "out/_manifest/summary.json" in keys
+    assert any(k.startswith(f"out/_manifest/run={summary['run_id']}/part-") for k in keys)
+    assert "out/_runs/latest/summary.json" in keys and not [k for k in keys if "_manifest" in k and not k.endswith(".parquet")]
     img = Image.open(io.BytesIO(s3.get_object(Bucket="dst", Key="out/a/2.png")["Body"].read()))
     assert img.size == (48, 32)
     # a URI list with an object deleted after listing: an error row, the job goes on

@@ -109,7 +109,7 @@ def upscale(
     limit: Optional[int] = typer.Option(None, help="process at most N (>= 1) images this run"),
     relist: Optional[bool] = typer.Option(
         None, "--relist/--no-relist",
-        help="list SRC again / reuse DST/_state/listing.parquet [default: relist local folders, reuse remote listings]"),
+        help="list SRC again / reuse the listing under DST/_state/ [default: relist local folders, reuse remote listings]"),
     cache_semantic: Optional[str] = typer.Option(None, help="URI to keep SAM2 tokens per image for later runs"),
     prompt_source: Optional[Literal["tagger", "fixed"]] = typer.Option(
         None, help="tagger: RAM+DAPE tags per image; fixed: --tags for all"),
@@ -164,24 +164,26 @@ def _run(job, log_interval: float) -> dict:
         progress.starting("checking the model, listing SRC, starting Ray")
 
         def on_plan(plan):
-            progress.note(f"{listing_note(job, plan)}; {len(plan.todo)} to process, {plan.skipped} already done")
-            progress.start(len(plan.todo))
+            progress.note(f"{listing_note(job, plan)}; {plan.to_process} to process, {plan.skipped} already done")
+            progress.start(plan.to_process)
             p = plan.pools
-            if len(plan.todo):
+            if plan.to_process:
                 # Ray Data reports nothing before the first batch leaves the pipeline: this phase ends there.
                 progress.starting(f"starting {p['sr_actors']} SR + {p['semantic_actors']} semantic actor(s), "
                                   "loading models, first batch")
 
-        def on_rows(rows):
-            errors = sum(r["status"] == "error" for r in rows)
-            progress.advance(len(rows) - errors, errors)
+        seen = [0, 0]  # done, errors already shown: the driver reports running totals
 
-        summary = run_upscale(job, on_plan=on_plan, on_rows=on_rows)
+        def on_progress(done, errors, total):
+            progress.advance((done - errors) - (seen[0] - seen[1]), errors - seen[1])
+            seen[:] = [done, errors]
+
+        summary = run_upscale(job, on_plan=on_plan, on_progress=on_progress)
     logs = ray_log_dir()
     summary_out = {**summary, "ray_logs": logs} if logs else summary
     typer.echo(json.dumps(summary_out, indent=2))
     failed = summary["by_status"].get("error", 0)
-    where = f"{job.dst.rstrip('/')}/_manifest"
+    where = summary.get("manifest") or f"{job.dst.rstrip('/')}/_manifest"
     if failed:
         console.print(f"[yellow]{failed} image(s) failed: their rows in {where} say why[/yellow]")
     console.print(f"done: {summary['processed']} processed in {summary['wall_s']:.1f} s; manifest {where}"
@@ -191,11 +193,10 @@ def _run(job, log_interval: float) -> dict:
 
 def listing_note(job, plan) -> str:
     """How SRC was listed; a reused listing says when it was made and how to list again."""
-    meta = plan.todo.schema.metadata or {}
     count = plan.total
     if not plan.listing_cached:
         return f"SRC listed: {count} image(s)"
-    made = meta.get(b"listed_at", b"an earlier run").decode()
+    made = plan.listed_at or "an earlier run"
     return (f"reusing the listing of SRC made {made} ({count} image(s)); files added since are not seen: "
             "add --relist to list SRC again")
 
