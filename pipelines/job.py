@@ -39,7 +39,8 @@ class ResourcesConfig(BaseModel):
                                  "default: from the cluster's CPUs")
     fetch_threads: int = Field(8, ge=1, description="concurrent object fetches inside one read task")
     sr_memory_gb: float | None = Field(None, ge=0, description="host memory reserved per SR actor; default 8 on GPU "
-                                       "clusters, none on CPU-only ones")
+                                       "clusters (fused actors add semantic_memory_gb), none on CPU-only ones or "
+                                       "for the tiny preset")
     semantic_memory_gb: float | None = Field(None, ge=0, description="same for a semantic actor; default 3 on GPUs")
 
 

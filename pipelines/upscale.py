@@ -190,9 +190,10 @@ def _build_dataset(job: UpscaleJob, plan: Plan, pools: dict, journal=None):
     # Bounded (Ray Data's defaults are -1: a crashing input would be retried forever).
     task_retry = {"max_retries": rt.task_max_retries}
     actor_retry = {"max_restarts": rt.actor_max_restarts, "max_task_retries": rt.actor_max_task_retries}
-    gpu = pools["sr_gpus"] > 0
-    sr_mem = r.sr_memory_gb if r.sr_memory_gb is not None else (8.0 if gpu else 0.0)
-    sem_mem = r.semantic_memory_gb if r.semantic_memory_gb is not None else (3.0 if gpu else 0.0)
+    # Host memory is reserved for the full-size models on GPUs; the tiny preset (tests, trials on logical GPUs) needs none.
+    full = pools["sr_gpus"] > 0 and job.model.name != "tiny"
+    sr_mem = r.sr_memory_gb if r.sr_memory_gb is not None else (8.0 if full else 0.0)
+    sem_mem = r.semantic_memory_gb if r.semantic_memory_gb is not None else (3.0 if full else 0.0)
     s = job.model.sampler
     group = {"scale": s.upscale, "process_size": s.process_size, "multiple": job.model.tiling.pad_multiple}
     ds = ds.map_batches(io.read_decode, fn_kwargs={"storage": storage, "max_pixels": job.max_pixels,
@@ -225,8 +226,9 @@ def _build_dataset(job: UpscaleJob, plan: Plan, pools: dict, journal=None):
                         **task_retry)
     meta = dict(dst=job.dst, run_id=plan.run_id, storage=storage, params_hash=job.params_hash(),
                 model_id=_model_id(job), node_id=socket.gethostname())
+    sinks = max(1, min(2, math.ceil(plan.to_process / job.manifest_rows_per_file)))
     ds = ds.map_batches(write_part, fn_kwargs=meta, batch_size=job.manifest_rows_per_file, num_cpus=0.25,
-                        compute=TaskPoolStrategy(size=2), **task_retry)
+                        compute=TaskPoolStrategy(size=sinks), **task_retry)
     return ds
 
 

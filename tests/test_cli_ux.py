@@ -172,25 +172,24 @@ def test_config_values_apply_unless_the_option_is_given(tmp_path):
     assert yaml.safe_load(out.stdout)["format"] == "webp"
 
 
-def test_local_folders_relist_by_default_and_a_reused_listing_is_announced(tmp_path, tiny_cache):
+def test_local_folders_relist_by_default_and_a_reused_listing_is_announced(ray_local, tmp_path, tiny_cache):
     src = tmp_path / "src"
     src.mkdir()
     rng_image(16, 16, 0).save(src / "a.png")
     from pipelines.commands.upscale import listing_note
     from pipelines.job import UpscaleJob
-    from pipelines.listing import list_inputs
     from pipelines.upscale import make_plan
     from srmodel.presets import get_preset
 
     job = UpscaleJob(src=str(src), dst=str(tmp_path / "o"), model=get_preset("tiny"))
-    list_inputs(job.src, job.dst, job.storage, job.format)  # a first run's listing
+    make_plan(job)  # a first run's listing
     rng_image(16, 16, 1).save(src / "b.png")
     plan = make_plan(job)
-    assert len(plan.todo) == 2 and not plan.listing_cached and listing_note(job, plan) == "SRC listed: 2 image(s)"
+    assert plan.to_process == 2 and not plan.listing_cached and listing_note(job, plan) == "SRC listed: 2 image(s)"
     rng_image(16, 16, 2).save(src / "c.png")
     plan = make_plan(job.model_copy(update={"relist": False}))
     note = listing_note(job, plan)
-    assert plan.listing_cached and len(plan.todo) == 2
+    assert plan.listing_cached and plan.to_process == 2
     assert note.startswith("reusing the listing of SRC made 20") and "(2 image(s))" in note and "--relist" in note
     out = invoke("upscale", src, tmp_path / "o", "--dry-run")
     assert json.loads(out.stdout)["to_process"] == 3
@@ -230,14 +229,14 @@ def test_upscale_run_as_a_new_user_sees_it(tmp_path, tiny_cache):
     err = proc.stderr
     assert proc.returncode == 1, err[-3000:]
     assert "SRC listed: 4 image(s); 4 to process, 0 already done" in err
-    assert "starting 1 SR + 1 semantic actor(s), loading models" in err
+    assert "starting 1 semantic+SR actor(s), loading models" in err
     assert "4/4 images" in err and "1 failed" in err and "1 image(s) failed" in err
     for chatter in ("Token authentication", "Execution plan", "Progress bars disabled", "concurrent tasks",
                     "streaming_executor", "UserWarning"):
         assert chatter not in err, chatter
     summary = json.loads(proc.stdout)
     assert summary["by_status"] == {"ok": 3, "error": 1} and os.path.isdir(summary["ray_logs"])
-    rows = {Path(r["src_uri"]).name: r for f in (dst / "_manifest").glob("*.parquet") for r in pq.read_table(f).to_pylist()}
+    rows = {Path(r["src_uri"]).name: r for f in (dst / "_manifest").rglob("*.parquet") for r in pq.read_table(f).to_pylist()}
     bad = rows["truncated.jpg"]
     assert (bad["status"], bad["src_width"], bad["src_height"]) == ("error", 128, 96)
     assert bad["timings_ms"]["decode"] > 0 and bad["timings_ms"]["sr"] is None

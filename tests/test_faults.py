@@ -101,7 +101,7 @@ def test_sr_actor_killed_mid_run_loses_and_duplicates_nothing(ray_local, tmp_pat
     result = {}
 
     def run():
-        result["summary"] = run_upscale(job, on_rows=lambda rows: first_rows.set())
+        result["summary"] = run_upscale(job, on_progress=lambda *_: first_rows.set())
 
     worker = threading.Thread(target=run)
     worker.start()

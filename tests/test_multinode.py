@@ -50,7 +50,7 @@ def test_worker_node_removed_mid_run(cluster, tmp_path):
     dst = tmp_path / "out"
     some_rows = threading.Event()
     result = {}
-    thread = threading.Thread(target=lambda: result.setdefault("s", run_upscale(job(src, dst), on_rows=lambda r: some_rows.set())))
+    thread = threading.Thread(target=lambda: result.setdefault("s", run_upscale(job(src, dst), on_progress=lambda *_: some_rows.set())))
     thread.start()
     assert some_rows.wait(300)
     assert len([n for n in ray.nodes() if n["Alive"]]) == 3

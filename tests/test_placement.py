@@ -23,9 +23,9 @@ STORAGE = UpscaleJob.model_fields["storage"].default
 def tiny_job(src="/in", dst="/out", **resources) -> UpscaleJob:
     m = get_preset("tiny").model_dump(mode="json")
     m["sampler"].update(steps=2)
-    return UpscaleJob.model_validate({"src": str(src), "dst": str(dst), "model": m, "manifest_flush_s": 0,
+    return UpscaleJob.model_validate({"src": str(src), "dst": str(dst), "model": m, "manifest_rows_per_file": 2,
                                       "actor_start_timeout_s": 600,
-                                      "resources": {"sr_batch": 1, "io_batch": 2, "rows_per_block": 2, **resources}})
+                                      "resources": {"sr_batch": 1, "io_batch": 2, **resources}})
 
 
 def place(requests: list[tuple[float, float]], wait_s: float = 300, until: float | None = None,
@@ -74,7 +74,7 @@ def one_node_8_gpus():
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=12, num_gpus=8, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=12, num_gpus=8, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -50,24 +50,25 @@ def test_training_run_report_in_chromium(tmp_path):
         browser.close()
 
 
-def test_run_partitioned_manifest_and_summary_elsewhere(tmp_path):
-    """The manifest as run=<id>/ parts and summary.json under _runs/<id>/ read as the flat layout is."""
+def test_run_partitioned_manifest_and_the_older_flat_layout_read_alike(tmp_path):
+    """The manifest as run=<id>/ parts (as the pipeline writes it) and as flat part-<run>-<n>.parquet files
+    (older versions) read as one table; summary.json under _runs/<id>/ is found without _runs/latest/."""
     folders = write_pairs(tmp_path)
     dst = tmp_path / "out"
     fake_upscale_run(folders["lr"], dst)
-    flat = read_run_manifest(str(dst))
-    for part in sorted((dst / "_manifest").glob("part-*.parquet")):
-        run_id = part.name.split("-")[1]
-        (dst / "_manifest" / f"run={run_id}").mkdir(exist_ok=True)
-        part.rename(dst / "_manifest" / f"run={run_id}" / part.name)
-    (dst / "_runs" / "abc").mkdir(parents=True)
-    shutil.move(dst / "_manifest" / "summary.json", dst / "_runs" / "abc" / "summary.json")
     nested = read_run_manifest(str(dst))
-    def rows(table):
-        return sorted(tuple(r.values()) for r in table.select(["image_id", "status", "run"]).to_pylist())
+    for part in sorted((dst / "_manifest").glob("run=*/*.parquet")):
+        run_id = part.parent.name.removeprefix("run=").replace("-", "")
+        part.rename(dst / "_manifest" / f"part-{run_id}-0.parquet")
+        part.parent.rmdir()
+    shutil.rmtree(dst / "_runs" / "latest")
+    flat = read_run_manifest(str(dst))
 
-    assert rows(nested) == rows(flat)
-    assert len(set(nested["run"].to_pylist())) == 2
+    def rows(table):
+        return sorted(tuple(r.values()) for r in table.select(["image_id", "status"]).to_pylist())
+
+    assert rows(nested) == rows(flat) and len(rows(flat)) == 8
+    assert len(set(nested["run"].to_pylist())) == len(set(flat["run"].to_pylist())) == 2
     assert read_run_summary(str(dst))["preset"] == "tiny"
     result = CliRunner().invoke(app, ["report", str(dst), "--out", str(tmp_path / "r.html"), "--gallery", "2"])
     assert result.exit_code == 0, result.output

@@ -169,8 +169,9 @@ def _run(job, log_interval: float) -> dict:
             p = plan.pools
             if plan.to_process:
                 # Ray Data reports nothing before the first batch leaves the pipeline: this phase ends there.
-                progress.starting(f"starting {p['sr_actors']} SR + {p['semantic_actors']} semantic actor(s), "
-                                  "loading models, first batch")
+                actors = (f"{p['sr_actors']} semantic+SR actor(s)" if p.get("layout") == "fused"
+                          else f"{p['sr_actors']} SR + {p['semantic_actors']} semantic actor(s)")
+                progress.starting(f"starting {actors}, loading models, first batch")
 
         seen = [0, 0]  # done, errors already shown: the driver reports running totals
 
