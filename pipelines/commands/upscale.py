@@ -169,8 +169,9 @@ def _run(job, log_interval: float) -> dict:
             p = plan.pools
             if len(plan.todo):
                 # Ray Data reports nothing before the first batch leaves the pipeline: this phase ends there.
-                progress.starting(f"starting {p['sr_actors']} SR + {p['semantic_actors']} semantic actor(s), "
-                                  "loading models, first batch")
+                actors = (f"{p['sr_actors']} SR actor(s) (SAM2 and the tagger inside)" if p.get("layout") == "fused"
+                          else f"{p['sr_actors']} SR + {p['semantic_actors']} semantic actor(s)")
+                progress.starting(f"starting {actors}, loading models, first batch")
 
         def on_rows(rows):
             errors = sum(r["status"] == "error" for r in rows)
