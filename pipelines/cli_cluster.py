@@ -14,6 +14,8 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
+from pipelines.commands.common import Command
+
 try:  # typer >= 0.2x vendors its own click: its usage errors are that module's
     from typer._click import ClickException
 except ImportError:  # pragma: no cover - older typer on plain click
@@ -98,7 +100,7 @@ def _client(address):
         _fail(str(err))
 
 
-@jobs_app.command("list")
+@jobs_app.command("list", cls=Command)
 def jobs_list(address: Optional[str] = ADDRESS,
               all_jobs: bool = typer.Option(False, "--all", help="every Ray job, not only ugcsr's")) -> None:
     """The cluster's ugcsr jobs, newest last."""
@@ -109,7 +111,7 @@ def jobs_list(address: Optional[str] = ADDRESS,
         print(f"{j.submission_id or j.job_id}\t{j.status.value}\t{(j.entrypoint or '')[:100]}")
 
 
-@jobs_app.command("status")
+@jobs_app.command("status", cls=Command)
 def jobs_status(job_id: str = typer.Argument(..., metavar="ID"), address: Optional[str] = ADDRESS) -> None:
     """Status, message and times of one job (JSON); exit code 0 once it SUCCEEDED, 1 if it failed or stopped."""
     cl = _client(address)
@@ -124,7 +126,7 @@ def jobs_status(job_id: str = typer.Argument(..., metavar="ID"), address: Option
         raise typer.Exit(1)
 
 
-@jobs_app.command("logs")
+@jobs_app.command("logs", cls=Command)
 def jobs_logs(job_id: str = typer.Argument(..., metavar="ID"), address: Optional[str] = ADDRESS,
               follow: bool = typer.Option(False, "--follow", "-f", help="keep printing until the job ends")) -> None:
     """The job's log (its driver's stdout and stderr)."""
@@ -141,7 +143,7 @@ def jobs_logs(job_id: str = typer.Argument(..., metavar="ID"), address: Optional
         _fail(f"no job {job_id}: {err}")
 
 
-@jobs_app.command("stop")
+@jobs_app.command("stop", cls=Command)
 def jobs_stop(job_id: str = typer.Argument(..., metavar="ID"), address: Optional[str] = ADDRESS) -> None:
     """Ask the job to stop (its DST lease is released by the driver, or expires)."""
     cl = _client(address)
@@ -153,5 +155,5 @@ def jobs_stop(job_id: str = typer.Argument(..., metavar="ID"), address: Optional
 
 
 def register(app: typer.Typer) -> None:
-    app.command(context_settings={"allow_interspersed_args": False})(submit)
+    app.command(cls=Command, context_settings={"allow_interspersed_args": False})(submit)
     app.add_typer(jobs_app, name="jobs")

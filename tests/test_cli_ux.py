@@ -229,7 +229,7 @@ def test_upscale_run_as_a_new_user_sees_it(tmp_path, tiny_cache):
     err = proc.stderr
     assert proc.returncode == 1, err[-3000:]
     assert "SRC listed: 4 image(s); 4 to process, 0 already done" in err
-    assert "starting 1 semantic+SR actor(s), loading models" in err
+    assert "starting 1 SR actor(s) (SAM2 and the tagger inside), loading models" in err
     assert "4/4 images" in err and "1 failed" in err and "1 image(s) failed" in err
     for chatter in ("Token authentication", "Execution plan", "Progress bars disabled", "concurrent tasks",
                     "streaming_executor", "UserWarning"):

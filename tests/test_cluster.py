@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+from inputs import rng_image
 
 from cluster import jobs, ray_runtime, weights
 from cluster.lease import DstLease, LeaseHeld
@@ -301,6 +302,7 @@ def test_weights_folder_in_the_released_layout_is_accepted(released_tiny, tmp_pa
     for part in ("stable-diffusion-2-base", "checkpoint-90000", "sam2.1_hiera_tiny.pt", "ram_swin_large_14m.pth", "DAPE.pth"):
         assert (released_tiny / part).exists(), part
     (tmp_path / "in").mkdir()
+    rng_image(16, 16, 0).save(tmp_path / "in" / "a.png")  # an empty SRC is an error of its own
     res = CliRunner().invoke(app, ["upscale", str(tmp_path / "in"), str(tmp_path / "out"), "--preset", "tiny",
                                    "--weights", str(released_tiny), "--dry-run"])
     assert res.exit_code == 0, res.output

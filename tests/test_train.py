@@ -28,14 +28,14 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def trainset(ray_local, tmp_path_factory):
-    """16 pairs in two shards (10 + 6): the second is held out for the validation pictures."""
+    """16 pairs in two hash shards: the second is held out for the validation pictures."""
     root = tmp_path_factory.mktemp("trainset")
     hr = root / "hr"
     hr.mkdir()
     for k in range(16):
         rng_image(96, 80, k).save(hr / f"{k:03d}.png")
     job = TrainsetJob.model_validate({"src": str(hr), "dst": str(root / "ts"), "crop": 64, "min_pixels": 1,
-                                      "min_file_bytes": 0, "groups_per_shard": 1})
+                                      "min_file_bytes": 0, "shards": 2})
     assert run_build_trainset(job)["processed"]["ok"] == 16
     return root / "ts"
 

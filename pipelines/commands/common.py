@@ -21,7 +21,10 @@ class Command(typer.core.TyperCommand):
     """Usage line as `ugcsr upscale [OPTIONS] SRC DST` (typer writes required arguments as `{SRC}`)."""
 
     def collect_usage_pieces(self, ctx):
-        return [p[1:-1] if p.startswith("{") and p.endswith("}") else p for p in super().collect_usage_pieces(ctx)]
+        import re
+
+        # `{SRC}` -> `SRC`; a variadic `{-- PROGRAM ARGS...}...` -> `-- PROGRAM ARGS...`
+        return [re.sub(r"^\{(.*)\}(\.\.\.)?$", r"\1", p) for p in super().collect_usage_pieces(ctx)]
 
 
 def err_console():

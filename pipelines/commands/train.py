@@ -32,8 +32,12 @@ def train(
     endpoint_url: Optional[str] = typer.Option(None, help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)"),
 ) -> None:
     """Fine-tune ControlNet + the semantic cross-attention on TRAINSET with Ray Train; exports to RUN/export/."""
-    from pipelines.cli import _merge, console, released_source
     from pipelines.job import load_yaml
+
+    from .common import err_console, merge
+    from .upscale import released_source
+
+    console = err_console()
     from pipelines.train import TrainJob, run_train
     from srmodel.presets import PRESET_NAMES, get_preset
 
@@ -43,8 +47,8 @@ def train(
         data = load_yaml(config) if config else {}
     except (OSError, ValueError, yaml.YAMLError) as err:
         raise typer.BadParameter(f"cannot read --config {config}: {err}") from err
-    model = get_preset(preset, released_source(weights) if weights else None).model_dump(mode="json")
-    data["model"] = _merge(model, data.get("model") or {})
+    model = get_preset(preset, released_source(str(weights), preset) if weights else None).model_dump(mode="json")
+    data["model"] = merge(model, data.get("model") or {})
     recipe = dict(data.get("recipe") or {})
     recipe.update({k: v for k, v in {"batch_size": batch_size, "grad_accum": grad_accum, "lr": lr, "seed": seed,
                                      "init": init}.items() if v is not None})
@@ -77,9 +81,11 @@ def train_export(
 ) -> None:
     """Write RUN/export/checkpoint-<step>/{unet,controlnet} (released layout) from a training checkpoint."""
     from cluster.storage import StorageConfig
-    from pipelines.cli import console
     from pipelines.train import export_run
 
+    from .common import err_console
+
+    console = err_console()
     try:
         print(export_run(run, step, StorageConfig(endpoint_url=endpoint_url)))
     except (OSError, ValueError) as err:

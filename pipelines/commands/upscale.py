@@ -169,7 +169,7 @@ def _run(job, log_interval: float) -> dict:
             p = plan.pools
             if plan.to_process:
                 # Ray Data reports nothing before the first batch leaves the pipeline: this phase ends there.
-                actors = (f"{p['sr_actors']} semantic+SR actor(s)" if p.get("layout") == "fused"
+                actors = (f"{p['sr_actors']} SR actor(s) (SAM2 and the tagger inside)" if p.get("layout") == "fused"
                           else f"{p['sr_actors']} SR + {p['semantic_actors']} semantic actor(s)")
                 progress.starting(f"starting {actors}, loading models, first batch")
 
