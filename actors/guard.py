@@ -84,7 +84,10 @@ def guarded_call(fn, batch: dict, stage: str, journal, max_crashes: int) -> dict
     import ray
 
     key = batch_key(stage, batch)
-    state = ray.get(journal.begin.remote(key))
+    try:
+        state = ray.get(journal.begin.remote(key))
+    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+        return end_if_fatal(fn(batch))  # journal restarting: the batch runs unguarded rather than failing
     if state["attempts"] == 1:
         out = end_if_fatal(fn(batch))
         journal.end.remote(key)

@@ -317,7 +317,11 @@ def _run_leased(job: UpscaleJob, *, on_plan=None, on_progress: ProgressFn | None
     journal = None
     try:
         if plan.to_process:
-            journal = ray.remote(num_cpus=0, max_restarts=-1)(CrashJournal).remote()
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            # On the driver's node: a worker node that leaves mid-run must not take the journal with it.
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+            journal = ray.remote(num_cpus=0, max_restarts=-1)(CrashJournal).options(scheduling_strategy=here).remote()
             ds = build_dataset(job, plan, plan.pools, journal)
             batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0))
             try:
