@@ -147,8 +147,8 @@ def mixed_cluster(tiny_cache):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="known gap, issue 9 left open: the split planner does not reserve CPUs per "
-                   "GPU; on this mixed cluster Ray placed 6.4 of 7 GPUs in the last runs (docs/pipeline.md)")
+@pytest.mark.xfail(strict=False, reason="known gap, issue 9 left open: on this mixed cluster Ray placed 6.4 of the 7 "
+                   "GPUs the split plan asks for, even with spare CPUs (docs/pipeline.md)")
 def test_tiny_job_on_nodes_of_1_2_and_8_gpus_starts_every_planned_actor(mixed_cluster, tmp_path):
     nodes = ray_runtime.alive_nodes()
     assert sorted(n.gpus for n in nodes) == [0, 1, 2, 8]
