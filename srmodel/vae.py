@@ -47,6 +47,17 @@ def encode_posterior(vae: AutoencoderKL, images: torch.Tensor, noise: torch.Tens
 
 
 @torch.no_grad()
+def encode(vae: AutoencoderKL, images: torch.Tensor, generators=None) -> torch.Tensor:
+    """Images in [0, 1] -> scaled latents sampled from the posterior (one generator per image, or the global RNG)."""
+    dist = vae.encode((images * 2 - 1).to(vae.dtype)).latent_dist
+    if generators is None:
+        noise = torch.randn(dist.mean.shape)
+    else:
+        noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=g, device=g.device) for g in generators])
+    return (dist.mean + dist.std * noise.to(dist.mean)).float() * vae.config.scaling_factor
+
+
+@torch.no_grad()
 def decode_release(vae: AutoencoderKL, latents: torch.Tensor, tile: int = 224) -> torch.Tensor:
     """As released: the plain decoder up to a longest latent side of tile + 22, its tiled hook above.
 
