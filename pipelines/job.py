@@ -27,7 +27,7 @@ class ResourcesConfig(BaseModel):
     semantic_actors: int | None = Field(None, ge=1, description="split layout: default one per 8 GPUs, at least 1")
     sr_gpus: float | None = Field(None, gt=0, le=8, description="GPU share of one SR actor; default 1 (fused) or "
                                   "1 - semantic_actors x semantic_gpus (split)")
-    semantic_gpus: float | None = Field(None, gt=0, le=1, description="split layout: default min(0.25, 0.4 / semantic_actors)")
+    semantic_gpus: float | None = Field(None, gt=0, le=1, description="split layout: default min(0.25, 0.9 / (G + 1) / semantic_actors), G the most GPUs on one node")
     sr_cpus: float = Field(1.0, gt=0)
     semantic_cpus: float = Field(0.5, gt=0)
     io_cpus: float = Field(0.25, gt=0, description="CPU share of a read/decode task")

@@ -7,8 +7,10 @@ cluster total: a fractional request must fit inside one GPU of one node.
   so greedy placement in any order fills every node up to its capacity: the plan never asks for an
   actor that cannot start.
 - `split`: a fixed semantic pool of S actors at share t and an SR pool at share s, with
-  s > 1/2 and s + S*t <= 1. Then in any creation order no GPU holds two SR actors, a GPU without an
-  SR actor has at least 1 - S*t >= s free, and with N_SR <= GPUs a semantic actor always finds t free.
+  s + S*t <= 1 and s > G/(G+1) for G the most GPUs on one node. Then in any creation order no GPU
+  holds two SR actors, a GPU without an SR actor has at least 1 - S*t >= s free, a semantic actor
+  always finds t free, and a node whose GPUs all hold an SR actor shows less than s free in sum
+  (Ray schedules across nodes by the sum of a node's GPU fractions), so it never draws one more.
 """
 
 from __future__ import annotations
@@ -79,13 +81,19 @@ def plan_pools(job: UpscaleJob, gpus: float | None = None, *, nodes: list[NodeSh
         _check_share(share, "sr_gpus")
         reserved = 0.0
     else:
+        # Ray's cluster scheduler and autoscaler see a remote node's GPUs as one sum (ray-project/ray#39987):
+        # a node whose every GPU already holds an SR actor still shows G*(1-s) free and must not look as if
+        # another SR actor fits there, or that actor waits on the wrong node forever. Hence G*(1-s) < s.
+        biggest = max(n.gpus for n in [*nodes, *autoscale] if n.gpus > 0)
         sem = r.semantic_actors or max(1, math.ceil(gpus_max / 8))  # the semantic stage is ~1% of the work
-        sem_share = r.semantic_gpus or min(0.25, 0.4 / sem)
+        budget = 0.9 / (biggest + 1)  # S*t, with a margin below 1/(G+1)
+        sem_share = r.semantic_gpus or math.floor(min(0.25, budget / sem) * 1e4) / 1e4  # Ray's 1e-4 fixed point
         share = r.sr_gpus or round(1 - sem * sem_share, 4)
-        if not (0.5 < share <= 1 and share + sem * sem_share <= 1 + EPS):
+        if not (share <= 1 and share + sem * sem_share <= 1 + EPS and biggest * (1 - share) < share - EPS):
             raise ValueError(
                 f"split layout: sr_gpus={share:g} with {sem} semantic actors x {sem_share:g} GPU may not place in every "
-                "order; it needs 0.5 < sr_gpus and sr_gpus + semantic_actors x semantic_gpus <= 1 (or use layout: fused)")
+                f"order on nodes of up to {biggest:g} GPUs; it needs sr_gpus + semantic_actors x semantic_gpus <= 1 "
+                f"and sr_gpus > {biggest:g}/{biggest + 1:g} (or use layout: fused)")
         reserved = sem * r.semantic_cpus  # worst case: every semantic actor on the same node
 
     cap_now = sum(node_capacity(n, share, r.sr_cpus, reserved) for n in nodes)

@@ -93,6 +93,28 @@ def test_resume_skips_done_and_retries_the_rest(ray_local, tmp_path):
     for params in {r["params_hash"] for r in table}:
         oks = [r["image_id"] for r in table if r["params_hash"] == params and r["status"] == "ok"]
         assert len(oks) == len(set(oks)), "never two ok rows for one image and setting"
+    # One summary per run, and a latest one: the resume runs did not overwrite the first run's statistics.
+    runs = {p.parent.name: json.loads(p.read_text()) for p in (dst / "_runs").glob("*/summary.json")}
+    assert set(runs) == {first["run_id"], second["run_id"], changed["run_id"], "latest"}
+    assert runs[first["run_id"]]["by_status"] == {"ok": 4, "error": 1} and runs["latest"] == runs[changed["run_id"]]
+    _every_reader_opens_the_manifest_folder(dst / "_manifest", rows=len(table))
+
+
+def _every_reader_opens_the_manifest_folder(folder, rows: int) -> None:
+    """`DST/_manifest/` holds only Parquet in hive `run=<id>/` folders: each reader opens it as one table."""
+    import duckdb
+    import pandas as pd
+    import pyarrow.dataset as pads
+    import ray
+
+    assert {p.suffix for p in folder.rglob("*") if p.is_file()} == {".parquet"}
+    assert pq.read_table(folder).num_rows == rows
+    by_run = pads.dataset(folder, format="parquet", partitioning="hive").to_table()
+    assert by_run.num_rows == rows and len(set(by_run.column("run").to_pylist())) == 3
+    assert len(pd.read_parquet(folder)) == rows
+    assert duckdb.sql(f"select count(*), count(distinct run) from read_parquet('{folder}/**/*.parquet', "
+                      "hive_partitioning = true)").fetchone() == (rows, 3)
+    assert ray.data.read_parquet(str(folder)).count() == rows
 
 
 def test_dry_run_loads_no_model(tmp_path, monkeypatch):
