@@ -40,15 +40,6 @@ def fail(batch: dict, i: int, stage: str, err: BaseException | str, error_type: 
     batch["error_message"][i] = str(err)[:2000]
 
 
-@contextmanager
-def timed(batch: dict, name: str):
-    """Adds `t_<name>_ms`: the stage's wall time per row of the batch."""
-    t0 = time.perf_counter()
-    yield
-    per_row = (time.perf_counter() - t0) * 1000 / max(1, size(batch))
-    batch[f"t_{name}_ms"] = np.full(size(batch), per_row)
-
-
 class StageTimer:
     """Per-image milliseconds in `t_<name>_ms`: time is charged to the rows it was spent on.
 

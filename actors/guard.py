@@ -79,7 +79,7 @@ def end_if_fatal(out: dict) -> dict:
 
 def guarded_call(fn, batch: dict, stage: str, journal, max_crashes: int) -> dict:
     """fn(batch) under the crash journal (see the module doc); `journal` None runs fn(batch) as is."""
-    if journal is None:
+    if journal is None or not size(batch):
         return end_if_fatal(fn(batch))
     import ray
 

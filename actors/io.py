@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .decode import DecodeStage, sort_by_working_size
 from .guard import guarded_call
+from .progress import report
 from .read import ReadStage
 from .write import WriteStage
 
@@ -22,5 +23,7 @@ def read_decode(batch: dict, storage: dict, max_pixels: int, fetch_threads: int 
     return sort_by_working_size(out, **group) if group else out
 
 
-def write(batch: dict, dst: str, fmt: str, quality: int, storage: dict, journal=None, max_crashes: int = 1) -> dict:
-    return guarded_call(WriteStage(dst, fmt, quality, storage), batch, "encode", journal, max_crashes)
+def write(batch: dict, dst: str, fmt: str, quality: int, storage: dict, journal=None, max_crashes: int = 1,
+          progress=None) -> dict:
+    out = guarded_call(WriteStage(dst, fmt, quality, storage), batch, "encode", journal, max_crashes)
+    return report(progress, out)

@@ -36,14 +36,17 @@ class ReadStage:
     def __call__(self, batch: dict) -> dict:
         batch = ensure_status_columns(batch)
         uris = [str(u) for u in batch["src_uri"]]
+        todo = [i for i, e in enumerate(batch["error_type"]) if not e]  # rows failed already (WorkerCrashed) are not fetched
+        results = [(b"", None, 0.0)] * len(uris)
         with StageTimer(batch, "read") as timer:
-            if self.threads > 1 and len(uris) > 1:
-                with ThreadPoolExecutor(min(self.threads, len(uris))) as pool:
-                    results = list(pool.map(self._fetch, uris))
+            if self.threads > 1 and len(todo) > 1:
+                with ThreadPoolExecutor(min(self.threads, len(todo))) as pool:
+                    fetched = list(pool.map(self._fetch, [uris[i] for i in todo]))
             else:
-                results = [self._fetch(u) for u in uris]
-            for i, (_, _, ms) in enumerate(results):
-                timer.charge([i], ms)  # each fetch's own time, though they overlap in threads
+                fetched = [self._fetch(uris[i]) for i in todo]
+            for i, got in zip(todo, fetched):
+                results[i] = got
+                timer.charge([i], got[2])  # each fetch's own time, though they overlap in threads
         for i, (uri, (_, err, _)) in enumerate(zip(uris, results)):
             if err is not None:
                 fail(batch, i, "read", f"cannot read {uri}: {err}", error_code(err))

@@ -32,7 +32,7 @@ class StorageConfig(BaseModel):
     )
     max_attempts: int = Field(6, ge=1, description="botocore attempts per request, the first included")
     body_retries: int = Field(
-        3, ge=1, description="s3fs attempts of a GET whose body breaks off mid-stream (botocore cannot see those)"
+        3, ge=1, description="attempts of a GET whose body breaks off mid-stream (botocore cannot see those)"
     )
     connect_timeout_s: float = Field(10, gt=0)
     read_timeout_s: float = Field(60, gt=0)
@@ -45,7 +45,7 @@ class StorageConfig(BaseModel):
         if self.region:
             client_kwargs["region_name"] = self.region
         # One retry layer per failure kind: botocore retries requests (it sees HTTP codes and connection
-        # errors); s3fs only re-issues a GET whose body broke off after botocore returned.
+        # errors); read_bytes re-issues a GET whose body broke off after botocore returned.
         config = {"retries": {"mode": self.retry_mode, "max_attempts": self.max_attempts},
                   "connect_timeout": self.connect_timeout_s, "read_timeout": self.read_timeout_s}
         return {"client_kwargs": client_kwargs, "config_kwargs": config}
@@ -61,7 +61,9 @@ def filesystem(uri: str, storage: StorageConfig | None = None) -> tuple[fsspec.A
     options = storage.s3_options() if uri.startswith(("s3://", "s3a://")) else {}
     fs, path = url_to_fs(uri, **options)
     if options:
-        fs.retries = storage.body_retries  # s3fs's own loop: only re-issues GETs whose body broke off
+        # s3fs wraps every call in its own retry loop (and a GET in a second one), on top of botocore's
+        # attempts: one attempt each, so the retries are botocore's alone (read_bytes handles broken bodies).
+        fs.retries = 1
     return fs, path
 
 
@@ -77,11 +79,6 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 def uri_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(path)
-
-
-# S3 error codes that mean "try again later" (AWS error-code reference; botocore's standard mode retries the same).
-TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
-                   "InternalError", "ServiceUnavailable", "BadGateway", "GatewayTimeout", "RequestLimitExceeded"}
 
 
 def _client_error(err: BaseException):
@@ -106,28 +103,37 @@ def error_code(err: BaseException) -> str:
     return type(err).__name__
 
 
-def is_transient(err: BaseException) -> bool:
-    """Worth another try later (a later run): throttling, 5xx, dropped or timed-out connections.
+def _broken_body(err: BaseException) -> bool:
+    """The response came back but its body broke off (botocore has already returned: it cannot retry this)."""
+    from botocore.exceptions import ResponseStreamingError
+    from urllib3.exceptions import IncompleteRead
 
-    Classified by error code, status and exception type, never by message text (a key such as
-    IMG_5003.jpg is not a 503).
-    """
-    from botocore.exceptions import ConnectionError as BotoConnectionError
-    from botocore.exceptions import HTTPClientError, ReadTimeoutError
+    kinds: tuple = (ResponseStreamingError, IncompleteRead)
+    try:
+        from aiohttp import ClientPayloadError
 
-    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
-        return False
-    client = _client_error(err)
-    if client is not None:
-        status = client.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
-        return error_code(client) in TRANSIENT_CODES or status >= 500 or status == 429
-    return isinstance(err, (ConnectionError, TimeoutError, BotoConnectionError, HTTPClientError, ReadTimeoutError))
+        kinds += (ClientPayloadError,)
+    except ImportError:  # pragma: no cover - s3fs brings aiohttp
+        pass
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, kinds):
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
 
 
 def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
+    """An object's bytes. Request failures are retried by botocore; a body cut mid-stream is re-fetched here."""
     storage = storage or StorageConfig()
     fs, path = filesystem(uri, storage)
-    return fs.cat_file(path)
+    for attempt in range(1, storage.body_retries + 1):
+        try:
+            return fs.cat_file(path)
+        except Exception as err:
+            if attempt == storage.body_retries or not is_remote(uri) or not _broken_body(err):
+                raise
+    raise AssertionError("unreachable")
 
 
 def write_bytes_atomic(uri: str, data: bytes, storage: StorageConfig | None = None) -> None:

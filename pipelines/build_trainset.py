@@ -123,6 +123,9 @@ def list_units(job: TrainsetJob) -> list[dict]:
             for source in ("official_pairs", "official_pairs_deg"):
                 for k in range(job.mix.get(source, 0)):
                     units.append({"source": source, "src_uri": uri, "lr_uri": lr_uri, "crop_index": k})
+    if not units:
+        where = f"SRC {job.src}" + (f" and --pairs {job.pairs}/hr" if job.pairs else "")
+        raise FileNotFoundError(f"{where} hold no images (or the mix takes none of them); nothing to build")
     for u in units:
         u["unit_id"] = hashlib.sha256(f"{u['source']}|{u['src_uri']}|{u['crop_index']}".encode()).hexdigest()[:32]
         u["shard"] = _hash_int("shard", u["unit_id"]) % job.shards

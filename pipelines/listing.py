@@ -196,10 +196,16 @@ def _with_suffix(key: str, tag: str) -> str:
     return f"{stem}-{tag}{ext}"
 
 
+def bucket_key(dst_key: str, image_id: str) -> str:
+    """The key an output was bucketed by: a clash suffix (added after bucketing, see merge_bucket) removed."""
+    stem, ext = posixpath.splitext(dst_key)
+    tag = f"-{image_id[:8]}"
+    return stem[: -len(tag)] + ext if image_id and stem.endswith(tag) else dst_key
+
+
 def read_parquet_uri(uri: str, storage: StorageConfig, columns: list[str] | None = None) -> pa.Table:
-    fs, path = filesystem(uri, storage)
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f, columns=columns)
+    """A whole (small) Parquet file in one GET: a body cut mid-stream is re-fetched by read_bytes."""
+    return pq.read_table(io.BytesIO(read_bytes(uri, storage)), columns=columns)
 
 
 def write_parquet_uri(uri: str, table: pa.Table, storage: StorageConfig) -> None:

@@ -69,35 +69,44 @@ def rows_from_batch(batch: dict, *, params_hash: str, model_id: str, node_id: st
     n = len(batch["image_id"])
     finished = now()
 
-    def col(name, default):
+    def col(name, default):  # once per column: indexing lists below keeps a part O(rows)
         values = batch.get(name)
         return [default] * n if values is None else list(values)
 
+    def ms(v):
+        return float(v) if v is not None and not np.isnan(v) else None
+
     timings = {s: col(f"t_{s}_ms", None) for s in STAGES}
+    c = {name: col(name, default) for name, default in (
+        ("src_uri", ""), ("src_bytes", 0), ("src_width", 0), ("src_height", 0), ("error_type", ""), ("stage", ""),
+        ("error_message", ""), ("dst_uri", ""), ("dst_width", 0), ("dst_height", 0), ("prompt", ""), ("tags", ""),
+        ("decode_notes", ""), ("seed", 0), ("node_id", node_id))}
+    has_tags, has_seed = "tags" in batch, "seed" in batch
     rows = []
-    for i, (err, stage) in enumerate(zip(col("error_type", ""), col("stage", ""))):
+    for i, image_id in enumerate(col("image_id", "")):
+        err = str(c["error_type"][i])
         rows.append(
             dict(
-                image_id=str(batch["image_id"][i]),
-                src_uri=str(batch["src_uri"][i]),
-                src_bytes=int(col("src_bytes", 0)[i]),
-                src_width=int(col("src_width", 0)[i]),
-                src_height=int(col("src_height", 0)[i]),
+                image_id=str(image_id),
+                src_uri=str(c["src_uri"][i]),
+                src_bytes=int(c["src_bytes"][i]),
+                src_width=int(c["src_width"][i]),
+                src_height=int(c["src_height"][i]),
                 status="error" if err else "ok",
-                stage=str(stage) or None,
-                error_type=str(err) or None,
-                error_message=str(col("error_message", "")[i]) or None,
-                dst_uri=str(col("dst_uri", "")[i]) or None,
-                dst_width=int(col("dst_width", 0)[i]) or None,
-                dst_height=int(col("dst_height", 0)[i]) or None,
-                prompt=str(col("prompt", "")[i]) or None,
-                tags=str(col("tags", "")[i]) if "tags" in batch and not err else None,
-                notes=str(col("decode_notes", "")[i]) or None,
-                seed=int(col("seed", 0)[i]) if "seed" in batch else None,
+                stage=str(c["stage"][i]) or None,
+                error_type=err or None,
+                error_message=str(c["error_message"][i]) or None,
+                dst_uri=str(c["dst_uri"][i]) or None,
+                dst_width=int(c["dst_width"][i]) or None,
+                dst_height=int(c["dst_height"][i]) or None,
+                prompt=str(c["prompt"][i]) or None,
+                tags=str(c["tags"][i]) if has_tags and not err else None,
+                notes=str(c["decode_notes"][i]) or None,
+                seed=int(c["seed"][i]) if has_seed else None,
                 params_hash=params_hash,
                 model_id=model_id,
-                timings_ms={s: (float(v[i]) if v[i] is not None and not np.isnan(v[i]) else None) for s, v in timings.items()},
-                node_id=str(col("node_id", node_id)[i]),
+                timings_ms={s: ms(v[i]) for s, v in timings.items()},
+                node_id=str(c["node_id"][i]),
                 finished_at=finished,
             )
         )
@@ -159,9 +168,9 @@ def read_manifest(dst: str, storage: StorageConfig, columns: list[str] | None = 
 
 
 def _read(uri: str, storage: StorageConfig, columns: list[str] | None) -> pa.Table:
-    fs, path = filesystem(uri, storage)
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f, columns=columns)
+    from .listing import read_parquet_uri
+
+    return read_parquet_uri(uri, storage, columns)
 
 
 def done_tables(files: list[str], *, dst: str, storage: dict, params_hash: str, buckets: int) -> list[pa.Table]:
@@ -170,7 +179,7 @@ def done_tables(files: list[str], *, dst: str, storage: dict, params_hash: str, 
     The bucket is the output key's, recovered from dst_uri (DST/<dst_key>), so bucket k of the
     done set meets bucket k of the listing without any global view.
     """
-    from .listing import split_buckets
+    from .listing import bucket_key, split_buckets
     from actors.write import as_uri
 
     cfg = StorageConfig.model_validate(storage)
@@ -181,7 +190,8 @@ def done_tables(files: list[str], *, dst: str, storage: dict, params_hash: str, 
         mask = pc.and_(pc.equal(t["status"], "ok"), pc.equal(t["params_hash"], params_hash))
         kept.append(t.filter(mask).select(["image_id", "dst_uri"]))
     table = pa.concat_tables(kept) if kept else pa.table({"image_id": pa.array([], pa.string()), "dst_uri": pa.array([], pa.string())})
-    keys = [u[len(prefix):] if u and u.startswith(prefix) else (u or "") for u in table.column("dst_uri").to_pylist()]
+    keys = [bucket_key(u[len(prefix):], i) if u and u.startswith(prefix) else (u or "")
+            for u, i in zip(table.column("dst_uri").to_pylist(), table.column("image_id").to_pylist())]
     return split_buckets(table.select(["image_id"]), keys, buckets)
 
 
@@ -213,9 +223,27 @@ def _bucket_rows(files: list[str], storage: dict, buckets: int) -> list[pa.Table
     from .listing import split_buckets
 
     cfg = StorageConfig.model_validate(storage)
-    tables = [_read(uri, cfg, SCHEMA.names).cast(SCHEMA) for uri in files]
+    tables = [conform(_read(uri, cfg, None)) for uri in files]
     table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
     return split_buckets(table, table.column("image_id").to_pylist(), buckets)
+
+
+def conform(table: pa.Table) -> pa.Table:
+    """A part in today's schema: columns older parts lack are null, columns no longer written are dropped."""
+    cols = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
+            for f in SCHEMA]
+    return pa.Table.from_arrays(cols, schema=SCHEMA)
+
+
+def _count_rows(files: list[str], storage: dict) -> int:
+    """(Ray task) rows in some Parquet files, from their footers."""
+    cfg = StorageConfig.model_validate(storage)
+    total = 0
+    for uri in files:
+        fs, path = filesystem(uri, cfg)
+        with fs.open(path, "rb") as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
 
 
 def _compact_bucket(out_uri: str, storage: dict, *tables: pa.Table) -> int:
@@ -245,26 +273,22 @@ def compact(dst: str, storage: StorageConfig, *, rows_per_file: int = 500_000, f
     files = manifest_files(dst, storage)
     if not files:
         return {"files_before": 0, "files_after": 0, "rows_before": 0, "rows_after": 0}
-    rows_before = 0
-    for uri in files:
-        fs, path = filesystem(uri, storage)
-        with fs.open(path, "rb") as f:
-            rows_before += pq.ParquetFile(f).metadata.num_rows
-    buckets = max(1, -(-rows_before // rows_per_file))
     cfg = storage.model_dump(mode="json")
+    groups = [files[i : i + files_per_task] for i in range(0, len(files), files_per_task)]
+    count = ray.remote(max_retries=max_retries)(_count_rows)
+    rows_before = int(sum(ray.get([count.remote(g, cfg) for g in groups])))
+    buckets = max(1, -(-rows_before // rows_per_file))
     from .listing import bucket_task
 
     split = bucket_task(_bucket_rows, buckets, max_retries=max_retries)
-    groups = [files[i : i + files_per_task] for i in range(0, len(files), files_per_task)]
     refs = [split(g, cfg, buckets) for g in groups]
     out = join(manifest_dir(dst), f"run=compacted-{new_run_id()}")
     write = ray.remote(max_retries=max_retries)(_compact_bucket)
     counts = ray.get([write.remote(join(out, f"part-{k:05d}.parquet"), cfg, *[r[k] for r in refs]) for k in range(buckets)])
-    folders = set()
-    for uri in files:
-        fs, path = filesystem(uri, storage)
-        fs.rm(path)
-        folders.add(path.rsplit("/", 1)[0])
+    fs, _ = filesystem(files[0], storage)
+    paths = [filesystem(uri, storage)[1] for uri in files]
+    fs.rm(paths)  # one call: s3fs deletes in batches of 1000 keys
+    folders = {path.rsplit("/", 1)[0] for path in paths}
     if is_local(fs):  # object stores have no folders; local ones would stay behind empty
         for folder in folders:
             try:

@@ -16,15 +16,17 @@ import logging
 import math
 import os
 import socket
+import threading
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-import warnings
 from typing import Callable
 
 from actors import io
 from actors.fused import SemanticSRStage
 from actors.guard import CrashJournal, guarded
+from actors.progress import ProgressCounter
 from actors.semantic import SemanticStage
 from actors.sr import SRStage
 from cluster import ray_runtime
@@ -41,7 +43,7 @@ from .pools import plan_pools
 
 log = logging.getLogger("ugcsr")
 
-ProgressFn = Callable[[int, int, int], None]  # on_progress(done, errors, total): after each manifest part
+ProgressFn = Callable[[int, int, int], None]  # on_progress(done, errors, total): as write batches finish
 
 
 @dataclass
@@ -56,10 +58,6 @@ class Plan:
     run_id: str = ""
     listed_at: str | None = None  # when the listing was made (UTC, ISO 8601); None for a list file
     pools: dict = field(default_factory=dict)
-
-    @property
-    def todo(self) -> int:  # images this run will process (the progress total)
-        return self.to_process
 
 
 def _auto_buckets(job: UpscaleJob, known_rows: int | None) -> int:
@@ -162,14 +160,14 @@ def io_sizes(job: UpscaleJob, pools: dict, todo: int | None = None) -> tuple[int
     return reads, writes
 
 
-def build_dataset(job: UpscaleJob, plan: Plan, pools: dict, journal=None):
+def build_dataset(job: UpscaleJob, plan: Plan, pools: dict, journal=None, progress=None):
     with warnings.catch_warnings():
         # Ray 2.60 has no named parameter for retry bounds; its catch-all **ray_remote_args warns (removal in 2.64).
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        return _build_dataset(job, plan, pools, journal)
+        return _build_dataset(job, plan, pools, journal, progress)
 
 
-def _build_dataset(job: UpscaleJob, plan: Plan, pools: dict, journal=None):
+def _build_dataset(job: UpscaleJob, plan: Plan, pools: dict, journal=None, progress=None):
     import ray.data
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
@@ -221,7 +219,7 @@ def _build_dataset(job: UpscaleJob, plan: Plan, pools: dict, journal=None):
                             batch_size=r.sr_batch, compute=sr_pool, num_gpus=pools["sr_gpus"], num_cpus=pools["sr_cpus"],
                             **({"memory": sr_mem * 2**30} if sr_mem else {}), **actor_retry)
     ds = ds.map_batches(io.write, fn_kwargs={"dst": job.dst, "fmt": job.format, "quality": job.quality,
-                                             "storage": storage, **guard},
+                                             "storage": storage, "progress": progress, **guard},
                         batch_size=r.sr_batch, num_cpus=r.encode_cpus, compute=TaskPoolStrategy(size=writes),
                         **task_retry)
     meta = dict(dst=job.dst, run_id=plan.run_id, storage=storage, params_hash=job.params_hash(),
@@ -284,8 +282,9 @@ def run_upscale(job: UpscaleJob, *, on_plan=None, on_progress: ProgressFn | None
                 num_cpus: int | None = None) -> dict:
     """Run the job to the end and return its summary (also written to DST/_runs/<run>/ and _runs/latest/).
 
-    Hooks: `on_plan(plan)` once planned (counts and pools); `on_progress(done, errors, total)` after each
-    manifest part, with running totals of this run (the progress display's hook).
+    Hooks: `on_plan(plan)` once planned (counts and pools); `on_progress(done, errors, total)` as write
+    batches finish (from a driver thread), with running totals of this run, and once more at the end with
+    the exact figures from the manifest (the progress display's hook).
     """
     check_source(job)  # missing weights fail here, not inside every actor
     check_paths(job)  # so do a missing SRC and an unusable DST, before any cluster is started
@@ -314,34 +313,83 @@ def _run_leased(job: UpscaleJob, *, on_plan=None, on_progress: ProgressFn | None
     if on_plan:
         on_plan(plan)
     tally, state = Tally(), "failed"
-    journal = None
+    helpers, poller = [], None
     try:
         if plan.to_process:
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-            # On the driver's node: a worker node that leaves mid-run must not take the journal with it.
+            # On the driver's node: a worker node that leaves mid-run must not take them with it.
             here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
             journal = ray.remote(num_cpus=0, max_restarts=-1)(CrashJournal).options(scheduling_strategy=here).remote()
-            ds = build_dataset(job, plan, plan.pools, journal)
+            counter = ray.remote(num_cpus=0)(ProgressCounter).options(scheduling_strategy=here).remote()
+            helpers = [journal, counter]
+            if on_progress:
+                poller = _ProgressPoller(counter, tally, plan.to_process, on_progress)
+            ds = build_dataset(job, plan, plan.pools, journal, counter)
             batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0))
             try:
                 for batch in batches:
                     for rec in batch.to_pylist():
                         tally.add(rec)
-                    if on_progress:
-                        on_progress(tally.rows, tally.rows - tally.ok, plan.to_process)
+                    if poller:
+                        poller.raise_error()
+                if poller:
+                    poller.raise_error()
             finally:
                 if hasattr(batches, "close"):
                     batches.close()  # an interrupted run stops its executor and releases its actors
         state = "finished"
     finally:
+        if poller is not None:
+            poller.stop()
+        if on_progress and plan.to_process and state == "finished":  # the exact figures, from the manifest parts
+            on_progress(tally.rows, tally.rows - tally.ok, plan.to_process)
         # A summary even for a failed or interrupted run: what was written is in the manifest.
         summary = summarize(tally, plan, time.perf_counter() - started, job, state)
         write_summary(job.dst, plan.run_id, summary, job.storage)
         _remove(join(job.dst, "_state", "todo", plan.run_id), job.storage)
-        if journal is not None:
-            ray.kill(journal)
+        for actor in helpers:
+            ray.kill(actor)
     return summary
+
+
+class _ProgressPoller:
+    """A driver thread: calls on_progress whenever the write stage's count moves (see actors/progress.py)."""
+
+    def __init__(self, counter, tally: Tally, total: int, on_progress: ProgressFn):
+        self.counter, self.tally, self.total, self.on_progress = counter, tally, total, on_progress
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ugcsr-progress", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import ray
+
+        seen = (0, 0)
+        while not self._stop.is_set():
+            try:
+                seen = ray.get(self.counter.wait.remote(seen, 1.0), timeout=10)
+            except Exception:  # noqa: BLE001 - a display hint: never let it disturb the run
+                self._stop.wait(1.0)
+                continue
+            if self._stop.is_set():
+                break
+            done = min(self.total, max(seen[0], self.tally.rows))  # a retried write batch may count twice
+            try:
+                self.on_progress(done, min(done, seen[1]), self.total)
+            except BaseException as err:  # noqa: BLE001 - handed to the driver loop (e.g. a caller's interrupt)
+                self.error = err
+                return
+
+    def raise_error(self) -> None:
+        """In the driver loop: an exception raised by on_progress ends the run there, as if raised in it."""
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
 
 
 def check_paths(job: UpscaleJob) -> None:

@@ -212,6 +212,13 @@ def test_cli_progress_dry_run_and_fail_on_error(ray_local, tmp_path):
     assert "building 2 shard(s) of 5 crop(s)" in out.stderr and "5/5 crops" in out.stderr and "1 failed" in out.stderr
     summary = json.loads(out.stdout)
     assert summary["processed"] == {"ok": 3, "error": 1, "skipped": 1} and sum(summary["by_branch"].values()) == 3
+    # The small-trial note: present exactly when every drawn branch was clean, in the summary, card and terminal.
+    drawn = [b for b in summary["by_branch"] if not b.endswith("/official")]
+    all_clean = bool(drawn) and not any(b.endswith("/degrade") for b in drawn)
+    card = json.loads((dst / "dataset_card.json").read_text())
+    assert card["by_branch"] == summary["by_branch"] and card.get("note") == summary.get("note")
+    assert bool(summary.get("note")) == all_clean == ("note:" in out.stderr)
+    assert "clean (bicubic-only)" in " ".join(CliRunner().invoke(app, ["build-trainset", "--help"]).output.split())
     out = CliRunner().invoke(app, args)  # the failed shard is retried; without --fail-on-error the exit is 0
     assert out.exit_code == 0 and json.loads(out.stdout)["processed"]["error"] == 1
     out = CliRunner().invoke(app, [*args, "--seed", "3"])

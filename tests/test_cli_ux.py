@@ -123,6 +123,9 @@ def test_empty_src_says_so_and_exits_non_zero(tmp_path, tiny_cache):
     assert out.exit_code == 3 and "holds no images" in out.output and "nothing to do" in out.output
     out = invoke("upscale", tmp_path / "empty", tmp_path / "o", "--dry-run")
     assert out.exit_code == 3 and "holds no images" in out.output
+    for extra in ([], ["--dry-run"]):
+        out = invoke("build-trainset", tmp_path / "empty", tmp_path / "t", *extra)
+        assert out.exit_code == 3 and "hold no images" in " ".join(out.output.split()), out.output
 
 
 def leaves(d: dict, prefix=()):
@@ -139,7 +142,7 @@ def dig(d: dict, path: tuple):
     return d
 
 
-@pytest.mark.parametrize("name", ["upscale", "build-trainset"])
+@pytest.mark.parametrize("name", ["upscale", "build-trainset", "train"])
 def test_example_job_files_load_and_apply(name, tmp_path):
     """Every shipped example is valid and every value in it reaches the effective job (--print-config)."""
     path = ROOT / "examples" / f"{name}.yaml"

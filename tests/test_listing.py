@@ -5,12 +5,15 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from typer.testing import CliRunner
 
-from cluster.storage import StorageConfig, error_code, is_transient
+from cluster.lease import DstLease
+from cluster.storage import StorageConfig, error_code
 from inputs import rng_image
 from pipelines.job import UpscaleJob
 from pipelines.listing import list_inputs, merge_bucket, split_buckets
-from pipelines.manifest import SCHEMA, compact, read_manifest, to_table
+from pipelines.cli import app
+from pipelines.manifest import SCHEMA, read_manifest, to_table
 from pipelines.upscale import make_plan, plan_pools
 from srmodel import get_preset
 from srmodel.seeds import image_id_from_uri
@@ -29,6 +32,19 @@ def test_same_stem_different_extension_gets_distinct_outputs(tmp_path):
     keys = list_inputs(str(tmp_path), str(tmp_path / "out"), S, "png").column("dst_key").to_pylist()
     assert len(set(keys)) == 3 and "dog.png" in keys
     assert all(k.startswith("cat-") for k in keys if k != "dog.png")
+
+
+def test_resume_finds_outputs_whose_names_clashed(ray_local, tmp_path):
+    """cat.jpg and cat.png write cat-<id>.png; the done set must meet them in the bucket they were listed in."""
+    src, dst = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    for name in ("cat.jpg", "cat.png", "dog.png", "emu.png"):
+        rng_image(8, 8).save(src / name)
+    j = job(src, dst, plan_buckets=8)
+    listing = list_inputs(str(src), str(dst), S, "png").to_pylist()
+    assert sum(r["dst_key"].startswith("cat-") for r in listing) == 2
+    _fake_manifest(dst, [_row(r, dst, params=j.params_hash()) for r in listing])
+    assert make_plan(j, write=False).to_process == 0, "every image done, clashing names included"
 
 
 def test_buckets_keep_clashing_keys_together_and_dedupe_uris():
@@ -121,11 +137,19 @@ def test_compaction_keeps_the_latest_row_and_resume_reads_both_layouts(ray_local
     j = job(src, dst, plan_buckets=2)
     listing = list_inputs(str(src), str(dst), S, "png").to_pylist()
     p = j.params_hash()
-    _fake_manifest(dst, [_row(r, dst, status="error", params=p, when=0) for r in listing], run="a")
+    old = dst / "_manifest" / "run=a"  # a part from before the tags/notes columns existed
+    old.mkdir(parents=True)
+    pq.write_table(to_table([_row(r, dst, status="error", params=p, when=0) for r in listing]).drop_columns(["tags", "notes"]),
+                   old / "part-0.parquet")
     for i, r in enumerate(listing[:3]):
         _fake_manifest(dst, [_row(r, dst, params=p, when=10 + i)], run="b")
     assert make_plan(j, write=False).to_process == 3
-    out = compact(str(dst), S, rows_per_file=4)
+    with DstLease(str(dst), S):  # a run is writing into DST: compaction waits its turn
+        held = CliRunner().invoke(app, ["manifest", "compact", str(dst), "--rows-per-file", "4"])
+    assert held.exit_code == 3 and "lease" in held.output.lower(), held.output
+    done = CliRunner().invoke(app, ["manifest", "compact", str(dst), "--rows-per-file", "4"])
+    assert done.exit_code == 0, done.output
+    out = json.loads(done.stdout)
     assert out["files_before"] == 4 and out["rows_before"] == 9 and out["rows_after"] == 6
     rows = read_manifest(str(dst), S).to_pylist()
     assert len(rows) == 6 and sum(r["status"] == "ok" for r in rows) == 3, "latest row per image and params_hash"
@@ -173,13 +197,13 @@ def test_storage_errors_are_classified_by_code_not_message():
         except OSError as e:
             return e
 
-    assert is_transient(wrapped(client_error("SlowDown", 503))) and error_code(wrapped(client_error("SlowDown", 503))) == "SlowDown"
-    assert is_transient(client_error("Whatever", 502)) and is_transient(EndpointConnectionError(endpoint_url="http://x"))
-    assert not is_transient(wrapped(client_error("AccessDenied", 403))), "the key's digits are not a status"
-    assert not is_transient(OSError("cannot read IMG_5003.jpg")) and error_code(OSError("503")) == "OSError"
-    assert not is_transient(FileNotFoundError("IMG_500.jpg"))
+    assert error_code(wrapped(client_error("SlowDown", 503))) == "SlowDown"
+    assert error_code(client_error("", 502)) == "HTTP502" and error_code(EndpointConnectionError(endpoint_url="http://x")) == "EndpointConnectionError"
+    assert error_code(wrapped(client_error("AccessDenied", 403))) == "AccessDenied", "the key's digits are not a status"
+    assert error_code(OSError("cannot read IMG_5003.jpg: 503")) == "OSError" and error_code(FileNotFoundError("IMG_500.jpg")) == "FileNotFoundError"
     opts = StorageConfig(max_attempts=3, retry_mode="adaptive").s3_options()
     assert opts["config_kwargs"]["retries"] == {"mode": "adaptive", "max_attempts": 3}
     from cluster.storage import filesystem
 
-    assert filesystem("s3://b/k", StorageConfig(body_retries=4, endpoint_url="http://127.0.0.1:9"))[0].retries == 4
+    # s3fs's own retry loops are off: botocore's attempts are the only request retries (no stacking).
+    assert filesystem("s3://b/k", StorageConfig(body_retries=4, endpoint_url="http://127.0.0.1:9"))[0].retries == 1

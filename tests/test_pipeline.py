@@ -112,9 +112,26 @@ def _every_reader_opens_the_manifest_folder(folder, rows: int) -> None:
     by_run = pads.dataset(folder, format="parquet", partitioning="hive").to_table()
     assert by_run.num_rows == rows and len(set(by_run.column("run").to_pylist())) == 3
     assert len(pd.read_parquet(folder)) == rows
-    assert duckdb.sql(f"select count(*), count(distinct run) from read_parquet('{folder}/**/*.parquet', "
-                      "hive_partitioning = true)").fetchone() == (rows, 3)
+    query = f"select count(*), count(distinct run) from read_parquet('{folder}/**/*.parquet', hive_partitioning = true)"
+    assert duckdb.connect().execute(query).fetchall() == [(rows, 3)]
     assert ray.data.read_parquet(str(folder)).count() == rows
+
+
+def test_progress_moves_per_batch_not_per_manifest_part(ray_local, tmp_path):
+    """Parts are sized for readers (one part here); the progress hook still hears of every write batch."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for k in range(6):
+        rng_image(12, 10, k).save(src / f"{k}.png")
+    (src / "broken.png").write_bytes(b"nope")
+    calls = []
+    summary = run_upscale(job(src, tmp_path / "out", manifest_rows_per_file=1024,
+                              resources={"sr_batch": 1, "io_batch": 1}),
+                          on_progress=lambda done, errors, total: calls.append((done, errors, total)))
+    assert summary["manifest_parts"] == 1 and summary["by_status"] == {"ok": 6, "error": 1}
+    assert calls[-1] == (7, 1, 7), "the last call gives the exact figures"
+    assert any(0 < done < 7 for done, _, _ in calls), f"progress before the end: {calls}"
+    assert [d for d, _, _ in calls] == sorted(d for d, _, _ in calls), "never backwards"
 
 
 def test_dry_run_loads_no_model(tmp_path, monkeypatch):

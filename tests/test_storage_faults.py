@@ -44,7 +44,7 @@ def test_run_through_a_faulty_store_accounts_for_every_image_once(ray_local, s3,
     # Faults hit reads, writes and listings alike.
     for kind in ("read", "write", "list"):
         assert sum(c for key, c in faults.items() if key.endswith("/" + kind)), (kind, faults)
-    assert {"503/read", "drop/read", "cut/read", "503/write", "drop/write"} <= set(faults), faults
+    assert {"503/read", "drop/read", "cut/read", "delay/read", "503/write", "drop/write"} <= set(faults), faults
     rows = table.to_pylist()
     assert len(rows) == n and len({r["image_id"] for r in rows}) == n, "every image accounted for exactly once"
     assert summary["unaccounted"] == 0 and summary["by_status"] == {"ok": n}, summary

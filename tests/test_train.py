@@ -276,7 +276,7 @@ def test_cli_run_on_s3_then_upscale_with_seesr(ray_local, trainset, s3, s3_endpo
     out = tmp_path / "sr"
     res = runner.invoke(app, ["upscale", str(ROOT / "samples"), str(out), "--preset", "tiny", "--seesr", str(local)])
     assert res.exit_code == 0, res.output
-    rows = [r for f in (out / "_manifest").glob("*.parquet") for r in pq.read_table(f).to_pylist()]
+    rows = [r for f in (out / "_manifest").rglob("*.parquet") for r in pq.read_table(f).to_pylist()]
     assert sorted(r["status"] for r in rows) == ["ok"] * 3
     # the weights used are on record (and part of the params hash, so resume never mixes models)
     assert {r["model_id"] for r in rows} == {f"tiny:seesr:{local.resolve()}"}
@@ -292,11 +292,18 @@ def test_bad_inputs_fail_with_clear_messages(tmp_path, tiny_cache):
     def text(res):  # rich wraps long lines
         return " ".join(res.output.split())
 
+    # The job cannot run: exit 3 (README "Exit codes"); bad settings: exit 2, naming the option.
     res = runner.invoke(app, ["train", str(tmp_path / "nothing"), str(tmp_path / "run"), "--max-steps", "2"])
-    assert res.exit_code == 2 and "nothing" in text(res) and "build-trainset" in text(res)
+    assert res.exit_code == 3 and "nothing" in text(res) and "build-trainset" in text(res)
     (tmp_path / "empty").mkdir()
     res = runner.invoke(app, ["train", str(tmp_path / "empty"), str(tmp_path / "run"), "--max-steps", "2"])
-    assert res.exit_code == 2 and "no shard-*.parquet" in text(res)
+    assert res.exit_code == 3 and "no shard-*.parquet" in text(res)
+    res = runner.invoke(app, ["train", str(tmp_path), str(tmp_path / "run"), "--max-steps", "2", "--lr", "0"])
+    assert res.exit_code == 2 and "--lr" in text(res) and "given: 0" in text(res)
+    res = runner.invoke(app, ["train", str(tmp_path), str(tmp_path / "run"), "--weights", str(tmp_path)])
+    assert res.exit_code == 2 and "--preset wild" in text(res)
+    res = runner.invoke(app, ["train", str(tmp_path), str(tmp_path / "run"), "--max-steps", "2", "--print-config"])
+    assert res.exit_code == 0 and "max_steps: 2" in res.stdout and "name: tiny" in res.stdout
     res = runner.invoke(app, ["train", str(tmp_path), str(tmp_path / "run"), "--max-steps", "4",
                               "--checkpoint-every", "2", "--validate-every", "3"])
     assert res.exit_code == 2 and "multiple of checkpoint_every" in text(res)

@@ -26,6 +26,7 @@ def compact(
     import os
 
     from cluster import ray_runtime
+    from cluster.lease import DstLease
     from cluster.storage import StorageConfig, is_remote
     from pipelines.manifest import compact as compact_manifest
 
@@ -36,7 +37,8 @@ def compact(
     try:
         quiet_ray()
         ray_runtime.connect(address)
-        info = compact_manifest(dst, storage, rows_per_file=rows_per_file)
-    except (OSError, ValueError, RuntimeError) as err:
+        with DstLease(dst, storage):  # never while a run writes parts into DST (they would be folded mid-run)
+            info = compact_manifest(dst, storage, rows_per_file=rows_per_file)
+    except (OSError, ValueError, RuntimeError) as err:  # LeaseHeld is a RuntimeError
         fail(str(err), EXIT_JOB)
     typer.echo(json.dumps(info, indent=2))

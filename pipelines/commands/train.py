@@ -4,74 +4,77 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
-import yaml
-from pydantic import ValidationError
+
+from .common import EXIT_JOB, err_console, fail, given, load_config, merge, run_command
+
+
+OPTION_OF = {("trainset",): "trainset", ("run",): "run", ("workers",): "workers", ("gpus_per_worker",): "gpus_per_worker",
+             ("recipe", "batch_size"): "batch_size", ("recipe", "grad_accum"): "grad_accum", ("recipe", "lr"): "lr",
+             ("recipe", "seed"): "seed", ("recipe", "init"): "init", ("max_steps",): "max_steps",
+             ("checkpoint_every",): "checkpoint_every", ("validate_every",): "validate_every",
+             ("address",): "address", ("storage", "endpoint_url"): "endpoint_url"}  # job field -> its option
 
 
 def train(
     trainset: str = typer.Argument(..., metavar="TRAINSET", help="build-trainset output: folder or s3://bucket/prefix with shard-*.parquet"),
     run: str = typer.Argument(..., metavar="RUN", help="run folder or s3:// prefix (checkpoints, export, metrics); re-using it resumes"),
-    preset: str = typer.Option("tiny", help="model to start from (and validation sampler): tiny | wild | synthetic"),
-    weights: Optional[Path] = typer.Option(None, help="folder with the released weights (not needed for tiny)"),
-    init: Optional[str] = typer.Option(None, help="released (the checkpoint as is) | paper (SD-2-base UNet + its image_attentions)"),
-    config: Optional[Path] = typer.Option(None, "--config", help="train YAML (TrainJob fields); options override it"),
-    workers: Optional[int] = typer.Option(None, min=1, help="training workers (one DDP rank each)"),
-    gpus_per_worker: Optional[float] = typer.Option(None, min=0, help="default: 1 if the cluster has GPUs, else 0 (CPU, gloo)"),
-    batch_size: Optional[int] = typer.Option(None, min=1, help="per worker per micro-batch (authors: 1)"),
-    grad_accum: Optional[int] = typer.Option(None, min=1, help="micro-batches per optimizer step (authors: 2)"),
+    preset: Optional[Literal["tiny", "wild", "synthetic"]] = typer.Option(
+        None, help="model to start from (and validation sampler): wild | synthetic need --weights; tiny (random "
+                   "weights, for trials) is the default without --weights"),
+    weights: Optional[str] = typer.Option(None, help="folder or s3:// prefix with the released weights; needs --preset"),
+    init: Optional[Literal["released", "paper"]] = typer.Option(
+        None, help="released (the checkpoint as is) | paper (SD-2-base UNet + its image_attentions)"),
+    config: Optional[Path] = typer.Option(None, help="train job YAML (examples/train.yaml); options given here override it"),
+    workers: Optional[int] = typer.Option(None, help="training workers (one DDP rank each)"),
+    gpus_per_worker: Optional[float] = typer.Option(None, help="default: 1 if the cluster has GPUs, else 0 (CPU, gloo)"),
+    batch_size: Optional[int] = typer.Option(None, help="per worker per micro-batch (authors: 1)"),
+    grad_accum: Optional[int] = typer.Option(None, help="micro-batches per optimizer step (authors: 2)"),
     lr: Optional[float] = typer.Option(None, help="learning rate (authors: 5e-5, constant)"),
-    max_steps: Optional[int] = typer.Option(None, min=1, help="optimizer steps in total"),
-    checkpoint_every: Optional[int] = typer.Option(None, min=1, help="optimizer steps between checkpoints"),
-    validate_every: Optional[int] = typer.Option(None, min=1, help="steps between validation pictures (multiple of --checkpoint-every)"),
+    max_steps: Optional[int] = typer.Option(None, help="optimizer steps in total"),
+    checkpoint_every: Optional[int] = typer.Option(None, help="optimizer steps between checkpoints"),
+    validate_every: Optional[int] = typer.Option(None, help="steps between validation pictures (multiple of --checkpoint-every)"),
     seed: Optional[int] = typer.Option(None, help="seed of all training randomness"),
     no_shuffle: bool = typer.Option(False, "--no-shuffle", help="read the shards in order, as the authors did"),
     address: Optional[str] = typer.Option(None, help="Ray cluster address; default: an embedded local Ray"),
     endpoint_url: Optional[str] = typer.Option(None, help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)"),
+    print_config: bool = typer.Option(False, "--print-config", help="print the effective job as YAML and exit"),
 ) -> None:
-    """Fine-tune ControlNet + the semantic cross-attention on TRAINSET with Ray Train; exports to RUN/export/."""
-    from pipelines.job import load_yaml
+    """Fine-tune ControlNet + the semantic cross-attention on TRAINSET with Ray Train; exports to RUN/export/.
 
-    from .common import err_console, merge
-    from .upscale import released_source
-
-    console = err_console()
+    Exit codes: 0 done, 2 bad option or setting, 3 the job could not run (TRAINSET missing or
+    empty, weights missing, cluster failure).
+    """
+    options = dict(locals())
+    if weights is not None and preset is None:
+        raise typer.BadParameter("--weights needs --preset wild or --preset synthetic; tiny is the random-weights "
+                                 "test model", param_hint="'--preset'")
+    data = load_config(config)
     from pipelines.train import TrainJob, run_train
-    from srmodel.presets import PRESET_NAMES, get_preset
+    from srmodel.presets import get_preset
 
-    if preset not in PRESET_NAMES:
-        raise typer.BadParameter(f"unknown preset {preset!r}; choose one of {', '.join(PRESET_NAMES)}")
-    try:
-        data = load_yaml(config) if config else {}
-    except (OSError, ValueError, yaml.YAMLError) as err:
-        raise typer.BadParameter(f"cannot read --config {config}: {err}") from err
-    model = get_preset(preset, released_source(str(weights), preset) if weights else None).model_dump(mode="json")
+    from .upscale import _storage, released_source
+
+    source = released_source(weights, preset or "tiny", _storage(data, endpoint_url)) if weights else None
+    model = get_preset(preset or "tiny", source).model_dump(mode="json")
     data["model"] = merge(model, data.get("model") or {})
-    recipe = dict(data.get("recipe") or {})
-    recipe.update({k: v for k, v in {"batch_size": batch_size, "grad_accum": grad_accum, "lr": lr, "seed": seed,
-                                     "init": init}.items() if v is not None})
-    data["recipe"] = recipe
-    data.update({k: v for k, v in {"trainset": trainset, "run": run, "workers": workers, "address": address,
-                                   "gpus_per_worker": gpus_per_worker, "max_steps": max_steps,
-                                   "checkpoint_every": checkpoint_every, "validate_every": validate_every}.items()
-                 if v is not None})
-    if no_shuffle:
-        data["shuffle"] = False
-    if endpoint_url is not None:
-        data["storage"] = {**(data.get("storage") or {}), "endpoint_url": endpoint_url}
-    try:
-        job = TrainJob.model_validate(data)
-    except ValidationError as err:
-        console.print(f"[red]invalid training settings:[/red]\n{err}")
-        raise typer.Exit(2) from err
-    try:
-        summary = run_train(job, log=lambda line: console.print(line, highlight=False, soft_wrap=True))
-    except (OSError, ValueError, RuntimeError) as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from err
+    data["recipe"] = {**(data.get("recipe") or {}),
+                      **given(batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed, init=init)}
+    data.update(given(trainset=trainset, run=run, workers=workers, address=address, gpus_per_worker=gpus_per_worker,
+                      max_steps=max_steps, checkpoint_every=checkpoint_every, validate_every=validate_every,
+                      shuffle=False if no_shuffle else None))
+    console = err_console()
+    run_command(TrainJob, data, option_of=OPTION_OF, options=options, config=config, endpoint_url=endpoint_url,
+                print_config=print_config, dry_run=False, plan=None,
+                run=lambda job: _run(job, run_train, console), failures=lambda summary: 0, fail_on_error=False)
+
+
+def _run(job, run_train, console) -> dict:
+    summary = run_train(job, log=lambda line: console.print(line, highlight=False, soft_wrap=True))
     print(json.dumps(summary, indent=2))
+    return summary
 
 
 def train_export(
@@ -79,15 +82,14 @@ def train_export(
     step: Optional[int] = typer.Option(None, help="the checkpoint's step (default: the latest)"),
     endpoint_url: Optional[str] = typer.Option(None, help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)"),
 ) -> None:
-    """Write RUN/export/checkpoint-<step>/{unet,controlnet} (released layout) from a training checkpoint."""
+    """Write RUN/export/checkpoint-<step>/{unet,controlnet} (released layout) from a training checkpoint.
+
+    Exit codes: 0 done, 2 bad option, 3 no checkpoint to export (RUN missing or empty).
+    """
     from cluster.storage import StorageConfig
     from pipelines.train import export_run
 
-    from .common import err_console
-
-    console = err_console()
     try:
         print(export_run(run, step, StorageConfig(endpoint_url=endpoint_url)))
     except (OSError, ValueError) as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from err
+        fail(str(err), EXIT_JOB)
