@@ -36,7 +36,6 @@ from srmodel.seeds import image_id_from_uri
 from .paths import IMAGE_EXTENSIONS, output_key
 
 LISTING_SCHEMA = pa.schema([("image_id", pa.string()), ("src_uri", pa.string()), ("dst_key", pa.string())])
-ROOT_FILES_PER_UNIT = 5000
 ROWS_PER_BUCKET = 250_000  # auto bucket count for Parquet lists: a bucket stays a few tens of MiB in a task
 
 
@@ -106,18 +105,21 @@ def discover_units(src: str, dst: str, storage: StorageConfig, max_units: int) -
     root = root.rstrip("/")
     _, dst_path = filesystem(dst, storage)
     dst_path = dst_path.rstrip("/")
-    entries = fs.ls(root, detail=True)
-    fs.invalidate_cache()  # s3fs keeps listings in its dircache; the driver keeps none
-    dirs, files = [], []
-    for e in entries:
+    # Runs as a Ray task (make_plan): one level of SRC may hold every key of a flat prefix, which must
+    # never pass through the driver; what comes back is O(sub-folders).
+    dirs, has_files = [], False
+    for e in fs.ls(root, detail=True):
         name = e["name"].rstrip("/")
         if name == dst_path or name == root:  # never take our own outputs as inputs when DST is under SRC
             continue
-        (dirs if e["type"] == "directory" else files).append(name)
+        if e["type"] == "directory":
+            dirs.append(name)
+        else:
+            has_files = True
+    fs.invalidate_cache()  # s3fs keeps listings in its dircache
     units: list[tuple] = [("tree", d) for d in sorted(dirs)]
-    files = sorted(files)
-    units += [("files", files[i : i + ROOT_FILES_PER_UNIT]) for i in range(0, len(files), ROOT_FILES_PER_UNIT)]
-    return units, None
+    # Files directly under SRC: one unit, listed again by its task (S3 lists a prefix sequentially anyway).
+    return units + ([("files", root)] if has_files else []), None
 
 
 def group_units(units: list[tuple], tasks: int) -> list[list[tuple]]:
@@ -135,7 +137,10 @@ def _rows_of_unit(unit: tuple, ctx: dict) -> tuple[list[str], list[str]]:
         fs, root = filesystem(ctx["src"], storage)
         root = root.rstrip("/")
         inside = ctx["dst_path"].rstrip("/") + "/"
-        paths = fs.find(unit[1]) if kind == "tree" else unit[1]
+        if kind == "tree":
+            paths = fs.find(unit[1])
+        else:
+            paths = [e["name"] for e in fs.ls(unit[1], detail=True) if e["type"] != "directory"]
         fs.invalidate_cache()
         paths = sorted(p for p in paths if posixpath.splitext(p)[1].lower() in IMAGE_EXTENSIONS and not p.startswith(inside))
         uris = ["file://" + p for p in paths] if is_local(fs) else [uri_of(fs, p) for p in paths]

@@ -91,7 +91,11 @@ def make_plan(job: UpscaleJob, *, write: bool = True, run_id: str | None = None)
     if cached:
         buckets, listing_id, list_refs = meta["buckets"], meta["listing_id"], []
     else:
-        units, known_rows = L.discover_units(job.src, job.dst, storage, max_units=tasks)
+        discover = ray.remote(max_retries=retries)(L.discover_units).remote(job.src, job.dst, storage, max_units=tasks)
+        try:
+            units, known_rows = ray.get(discover)
+        except ray.exceptions.RayTaskError as err:
+            raise err.cause from None  # e.g. "SRC ... is not a folder": the user's problem, without Ray's wrapping
         buckets, listing_id = _auto_buckets(job, known_rows), L.new_listing_id()
         lister = L.bucket_task(L.list_units, buckets, max_retries=retries)
         list_refs = [lister(group, ctx, buckets) for group in L.group_units(units, tasks)]
