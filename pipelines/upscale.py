@@ -373,12 +373,15 @@ class _ProgressPoller:
         seen = (0, 0)
         while not self._stop.is_set():
             try:
-                seen = ray.get(self.counter.wait.remote(seen, 1.0), timeout=10)
+                now = tuple(ray.get(self.counter.wait.remote(seen, 1.0), timeout=10))
             except Exception:  # noqa: BLE001 - a display hint: never let it disturb the run
                 self._stop.wait(1.0)
                 continue
             if self._stop.is_set():
                 break
+            if now == seen:  # the wait timed out: nothing new to show
+                continue
+            seen = now
             done = min(self.total, max(seen[0], self.tally.rows))  # a retried write batch may count twice
             try:
                 self.on_progress(done, min(done, seen[1]), self.total)

@@ -125,7 +125,7 @@ def test_progress_moves_per_batch_not_per_manifest_part(ray_local, tmp_path):
         rng_image(12, 10, k).save(src / f"{k}.png")
     (src / "broken.png").write_bytes(b"nope")
     calls = []
-    summary = run_upscale(job(src, tmp_path / "out", manifest_rows_per_file=1024,
+    summary = run_upscale(job(src, tmp_path / "out", scale=1, manifest_rows_per_file=1024,
                               resources={"sr_batch": 1, "io_batch": 1}),
                           on_progress=lambda done, errors, total: calls.append((done, errors, total)))
     assert summary["manifest_parts"] == 1 and summary["by_status"] == {"ok": 6, "error": 1}
