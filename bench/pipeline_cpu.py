@@ -6,7 +6,7 @@ Scenarios (inputs of mixed sizes between --sizes, random aspect ratios):
 x4 and x1, each written as PNG, WebP or JPEG. For each: (a) the stage classes
 called in a plain loop, batches of --batch rows in listing order (no Ray);
 (b) `run_upscale` on a local Ray started before the clock; ratios (b)/(a)
-with actor start-up included, and excluded (from the first manifest part on).
+with actor start-up included, and excluded (from the first image written on).
 Also measured side by side: the mean SR denoising batch in listing order vs
 rows sorted by working size inside each read task (what the pipeline does),
 with the bare loop timed both ways; and the encode cost per format on the
@@ -138,7 +138,7 @@ def scenario(name: str, args, work: Path) -> None:
     print(f"  (a) bare batched loop      : {loop_plain:7.3f} images/s (listing order)")
     print(f"  (b) Ray Data pipeline      : {ray_rate:7.3f} images/s, start-up included; ratio (b)/(a) "
           f"{ray_rate / loop_plain:5.2f}")
-    print(f"      start-up excluded      : {steady:7.3f} images/s after the first part at {first_t - t:.1f} s; "
+    print(f"      start-up excluded      : {steady:7.3f} images/s after the first result at {first_t - t:.1f} s; "
           f"ratio {steady / loop_plain:5.2f}")
     print(f"  denoising batch (mean)     : {fill_plain:5.2f} in listing order, {fill_sorted:5.2f} sorted per read "
           f"task ({fill_sorted / fill_plain:4.2f}x); bare loop {loop_plain:.3f} vs {loop_sorted:.3f} images/s "
