@@ -65,7 +65,7 @@ def ray_head(tmp_path):
         family = [head.pid] + [p.pid for p in psutil.Process(head.pid).children(recursive=True)]
         os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops what it started
         try:
-            head.wait(60)
+            head.wait(10)  # a test head: what has not stopped by then is killed below (a graceful stop took 30 s)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
