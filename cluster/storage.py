@@ -85,9 +85,14 @@ def _client_error(err: BaseException):
     """The botocore ClientError behind `err` (s3fs translates them into OSErrors and keeps the cause)."""
     from botocore.exceptions import ClientError
 
+    return _in_chain(err, (ClientError,))
+
+
+def _in_chain(err: BaseException | None, kinds: tuple):
+    """The first exception of `kinds` in err's cause/context chain (a few links deep), else None."""
     seen = 0
     while err is not None and seen < 8:
-        if isinstance(err, ClientError):
+        if isinstance(err, kinds):
             return err
         err, seen = err.__cause__ or err.__context__, seen + 1
     return None
@@ -115,12 +120,7 @@ def _broken_body(err: BaseException) -> bool:
         kinds += (ClientPayloadError,)
     except ImportError:  # pragma: no cover - s3fs brings aiohttp
         pass
-    seen = 0
-    while err is not None and seen < 8:
-        if isinstance(err, kinds):
-            return True
-        err, seen = err.__cause__ or err.__context__, seen + 1
-    return False
+    return _in_chain(err, kinds) is not None
 
 
 def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:

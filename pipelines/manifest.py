@@ -272,7 +272,8 @@ def compact(dst: str, storage: StorageConfig, *, rows_per_file: int = 500_000, f
 
     files = manifest_files(dst, storage)
     if not files:
-        return {"files_before": 0, "files_after": 0, "rows_before": 0, "rows_after": 0}
+        raise FileNotFoundError(f"{dst} has no manifest (no Parquet under {manifest_dir(dst)}): give the DST of an "
+                                "`ugcsr upscale` run")
     cfg = storage.model_dump(mode="json")
     groups = [files[i : i + files_per_task] for i in range(0, len(files), files_per_task)]
     count = ray.remote(max_retries=max_retries)(_count_rows)

@@ -147,6 +147,8 @@ def test_compaction_keeps_the_latest_row_and_resume_reads_both_layouts(ray_local
     with DstLease(str(dst), S):  # a run is writing into DST: compaction waits its turn
         held = CliRunner().invoke(app, ["manifest", "compact", str(dst), "--rows-per-file", "4"])
     assert held.exit_code == 3 and "lease" in held.output.lower(), held.output
+    wrong = CliRunner().invoke(app, ["manifest", "compact", str(tmp_path / "nowhere")])
+    assert wrong.exit_code == 3 and "has no manifest" in " ".join(wrong.output.split()), wrong.output
     done = CliRunner().invoke(app, ["manifest", "compact", str(dst), "--rows-per-file", "4"])
     assert done.exit_code == 0, done.output
     out = json.loads(done.stdout)
