@@ -68,7 +68,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[
 
 def sort_by_working_size(batch: dict, *, scale: int, process_size: int, multiple: int) -> dict:
     """The batch's rows reordered by padded working size (what the SR stage can batch together); errors last."""
-    from srmodel.geometry import plan_size
+    from srmodel.imaging.sizes import plan_size
 
     def key(i: int):
         w, h = int(batch["src_width"][i]), int(batch["src_height"][i])

@@ -15,9 +15,11 @@ class SemanticSRStage:
     """batch: `image` (+ id/status columns) -> what SemanticStage then SRStage add, on one device."""
 
     def __init__(self, config: dict, device: str | None = None, base_seed: int = 0, cpu_threads: int | None = None,
-                 max_output_pixels: int | None = None, cache_uri: str | None = None, storage: dict | None = None):
+                 max_output_pixels: int | None = None, cache_uri: str | None = None, storage: dict | None = None,
+                 gpu_share: float = 1.0):
         self.semantic = SemanticStage(config, device, cpu_threads, cache_uri=cache_uri, storage=storage)
-        self.sr = SRStage(config, self.semantic.device, base_seed, cpu_threads, max_output_pixels, storage=storage)
+        self.sr = SRStage(config, self.semantic.device, base_seed, cpu_threads, max_output_pixels, storage=storage,
+                          gpu_share=gpu_share, fused_semantic=True)
 
     def __call__(self, batch: dict) -> dict:
         return self.sr(self.semantic(batch))

@@ -7,7 +7,7 @@ import time
 import numpy as np
 
 from cluster.storage import StorageConfig, read_bytes
-from srmodel.metrics import psnr_y, ssim_y
+from srmodel.metrics.challenge import psnr_y, ssim_y
 
 from .batch import ensure_status_columns, fail, ok_rows, size
 from .decode import DecodeError, decode_image
@@ -30,7 +30,7 @@ class MetricsStage:
     def __init__(self, storage: dict | None = None, crop_border: int = 4, lpips: bool = True,
                  no_reference: bool = True, device: str | None = None, cpu_threads: int | None = None,
                  max_pixels: int = 64_000_000):
-        from srmodel.iqa import LPIPSAlex, NoReference
+        from srmodel.metrics.learned import LPIPSAlex, NoReference
 
         from .device import pick_device, use_cpu_threads
 

@@ -14,13 +14,13 @@ import numpy as np
 import torch
 
 from cluster.storage import StorageConfig, filesystem, join, write_bytes_atomic
-from cluster.weights import staged_model
 from srmodel.config import ModelConfig
-from srmodel.loader import load_semantic_encoder, load_tagger, resolve
+from srmodel.stages import load_semantic_encoder, load_tagger, resolve
 from srmodel.prompts import build_prompt
 
 from .batch import StageTimer, batch_or_each, ensure_status_columns, ok_rows, size
 from .device import pick_device, use_cpu_threads
+from .staging import staged_model
 
 
 class SemanticStage:

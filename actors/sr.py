@@ -7,14 +7,15 @@ import socket
 import numpy as np
 import torch
 
-from cluster.weights import staged_model
 from srmodel.config import ModelConfig
-from srmodel.loader import load_upscaler, resolve
-from srmodel.seeds import seed_for
+from srmodel.stages import load_upscaler, resolve
+from srmodel.sampling.memory_model import resolve_max_batch
+from srmodel.sampling.seeds import seed_for
 from srmodel.upscaler import SRRequest
 
 from .batch import EMPTY_IMAGE, StageTimer, ensure_status_columns, fail, ok_rows, size
 from .device import pick_device, use_cpu_threads
+from .staging import staged_model
 
 
 def node_id() -> str:
@@ -33,12 +34,16 @@ class SRStage:
     """batch: `image_id`, `image`, `tokens`, `prompt` -> adds `sr_image` and `seed`; drops `tokens`."""
 
     def __init__(self, config: dict | ModelConfig, device: str | None = None, base_seed: int = 0,
-                 cpu_threads: int | None = None, max_output_pixels: int | None = None, storage: dict | None = None):
+                 cpu_threads: int | None = None, max_output_pixels: int | None = None, storage: dict | None = None,
+                 gpu_share: float = 1.0, fused_semantic: bool = False):
         self.max_output_pixels = max_output_pixels
         # Weights given as s3:// (any fsspec URI) are staged once per node before loading.
-        self.config = staged_model(resolve(ModelConfig.model_validate(config)), storage)
+        config = staged_model(resolve(ModelConfig.model_validate(config)), storage)
         self.device = pick_device(device)
         use_cpu_threads(self.device, cpu_threads)
+        # UNet rows per forward: the user's tiling.max_batch, else the most this GPU (share) holds (memory_model).
+        rows = resolve_max_batch(config, self.device, share=gpu_share, semantic=fused_semantic)
+        self.config = config.model_copy(update={"tiling": config.tiling.model_copy(update={"max_batch": rows})})
         self.upscaler = load_upscaler(self.config, self.device)
         self.base_seed = base_seed
 

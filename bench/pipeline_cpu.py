@@ -32,11 +32,11 @@ from actors.semantic import SemanticStage
 from actors.sr import SRStage
 from actors.write import WriteStage, encode_image
 from cluster import ray_runtime
-from pipelines.job import UpscaleJob
-from pipelines.listing import list_inputs
-from pipelines.upscale import run_upscale
+from pipelines.upscale.job import UpscaleJob
+from pipelines.upscale.listing import list_inputs
+from pipelines.upscale.run import run_upscale
 from srmodel import get_preset
-from srmodel.geometry import plan_size
+from srmodel.imaging.sizes import plan_size
 
 SCENARIOS = {f"x{s}-mixed-{f}": (s, f) for s in (4, 1) for f in ("png", "webp", "jpeg")}
 
@@ -111,8 +111,8 @@ def scenario(name: str, args, work: Path) -> None:
     by_window = []
     for start in range(0, len(padded), args.io_batch):
         by_window += sorted(padded[start : start + args.io_batch], key=lambda p: (p[0], p[1]))
-    fill_plain = mean_denoise_batch(padded, args.batch, tiling.max_batch)
-    fill_sorted = mean_denoise_batch(by_window, args.batch, tiling.max_batch)
+    fill_plain = mean_denoise_batch(padded, args.batch, tiling.rows)
+    fill_sorted = mean_denoise_batch(by_window, args.batch, tiling.rows)
 
     loop_plain, srs, unet_plain = bare_loop(j, args.batch, args.io_batch, sort=False)
     loop_sorted, _, unet_sorted = bare_loop(job(str(work / f"loop2-{name}")), args.batch, args.io_batch, sort=True)

@@ -34,9 +34,9 @@ sys.path.insert(0, str(ROOT))
 
 LEGACY = """
 import sys, pyarrow.compute as pc
-from pipelines.job import UpscaleJob
-from pipelines.listing import list_inputs
-from pipelines.manifest import done_ids
+from pipelines.upscale.job import UpscaleJob
+from pipelines.upscale.listing import list_inputs
+from pipelines.upscale.manifest import done_ids
 from srmodel import get_preset
 job = UpscaleJob.model_validate({"src": sys.argv[1], "dst": sys.argv[2], "model": get_preset("tiny").model_dump(mode="json")})
 listing = list_inputs(job.src, job.dst, job.storage, job.format)
@@ -47,12 +47,12 @@ print(len(listing), len(todo))
 
 
 def make_inputs(work: Path, n: int) -> tuple[Path, Path]:
-    from pipelines.job import UpscaleJob
-    from pipelines.listing import _key_for_uri
-    from pipelines.manifest import SCHEMA
+    from pipelines.upscale.job import UpscaleJob
+    from pipelines.upscale.listing import _key_for_uri
+    from pipelines.upscale.manifest import SCHEMA
     from pipelines.paths import output_key
     from srmodel import get_preset
-    from srmodel.seeds import image_id_from_uri
+    from srmodel.sampling.seeds import image_id_from_uri
 
     lst, dst = work / f"list-{n}.parquet", work / f"dst-{n}"
     uris = [f"s3://corpus/photos/{i // 1000:05d}/IMG_{i:08d}.jpg" for i in range(n)]

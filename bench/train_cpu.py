@@ -32,7 +32,8 @@ def main() -> None:
 
     from inputs import rng_image
     from pipelines.build_trainset import TrainsetJob, run_build_trainset
-    from pipelines.train import TrainJob, run_train
+    from pipelines.train.driver import run_train
+    from pipelines.train.job import TrainJob
     from srmodel.presets import get_preset
 
     with tempfile.TemporaryDirectory() as tmp:

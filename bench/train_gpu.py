@@ -38,14 +38,14 @@ def real_size_parts(recipe, device):
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from srmodel.controlnet import SemanticControlNet
-    from srmodel.ddpm import make_scheduler
+    from srmodel.models.controlnet import SemanticControlNet
+    from srmodel.sampling.ddpm import make_scheduler
     from srmodel.presets import get_preset
-    from srmodel.semantic_encoder import DEFAULT_CONFIG, SemanticEncoder
-    from srmodel.text import TextConditioner
+    from srmodel.semantic.sam2_encoder import DEFAULT_CONFIG, SemanticEncoder
+    from srmodel.models.text_encoder import TextConditioner
     from srmodel.tiny import ensure_tiny_model
     from srmodel.train.model import assemble_train_parts
-    from srmodel.unet import SemanticUNet
+    from srmodel.models.unet import SemanticUNet
 
     tokenizer = CLIPTokenizer.from_pretrained(Path(ensure_tiny_model().sd_base) / "tokenizer")  # ids only
     text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=1024, intermediate_size=4096,
@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny model on CPU: checks the script, measures nothing useful")
     args = ap.parse_args()
 
-    from srmodel.loader import resolve
+    from srmodel.stages import resolve
     from srmodel.presets import get_preset
     from srmodel.train import TrainRecipe, Trainer, load_train_parts
 

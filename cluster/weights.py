@@ -1,7 +1,8 @@
 """Weights from object storage: staged once per node into a local cache before any model loads.
 
-Every `ModelSource` path may be an fsspec URI (`s3://bucket/weights/checkpoint-90000`, `gs://...`).
-`stage_source` turns each remote one into a local copy under `$UGCSR_CACHE/staged/`:
+Any weights path may be an fsspec URI (`s3://bucket/weights/checkpoint-90000`, `gs://...`).
+`stage_uris` turns each remote one into a local copy under a staging folder the caller names
+(actors/staging.py maps a model's source to URIs and back; this module knows URIs and folders only):
 
 - one download per node: the actors of a node take an exclusive file lock; the first downloads,
   the others find the copy done;
@@ -9,7 +10,7 @@ Every `ModelSource` path may be an fsspec URI (`s3://bucket/weights/checkpoint-9
 - checked: each file's size (and ETag where the store gives one) must match the listing, before and
   after the download; the listing is kept beside the copy, so a later run reuses it as long as the
   objects are unchanged and fetches them again when they changed;
-- a missing object or an empty prefix is a `FileNotFoundError` naming the URI (`check_source` runs the
+- a missing object or an empty prefix is a `FileNotFoundError` naming the URI (`check_uris` runs the
   same listing on the driver, so the job fails at start instead of in every actor).
 """
 
@@ -21,20 +22,17 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-
-from srmodel.config import ModelSource
-from srmodel.tiny import default_cache_dir
 
 from .storage import StorageConfig, filesystem, is_remote
 
-# ModelSource fields that name files or folders (the rest are options).
-PATH_FIELDS = ("sd_base", "seesr", "sam2_checkpoint", "sam2_config", "ram", "dape", "ram_tag_list", "ram_thresholds")
 STATE_FILE = ".ugcsr-staged.json"
 
 
-def remote_fields(source: ModelSource) -> dict[str, str]:
-    return {f: getattr(source, f) for f in PATH_FIELDS if getattr(source, f) and is_remote(getattr(source, f))}
+def remote_uris(uris: Mapping[str, str]) -> dict[str, str]:
+    """The entries of {name: path or URI} that live on object storage."""
+    return {name: uri for name, uri in uris.items() if uri and is_remote(uri)}
 
 
 def listing(uri: str, storage: StorageConfig) -> dict[str, dict]:
@@ -60,20 +58,19 @@ def _entry(info: dict) -> dict:
     return {"size": int(info.get("size") or 0), "etag": str(etag).strip('"')}
 
 
-def check_remote(source: ModelSource, storage: StorageConfig) -> dict[str, dict[str, dict]]:
-    """The listing of every remote part (raises on a missing one). Cheap: listing only, no download."""
-    return {field: listing(uri, storage) for field, uri in remote_fields(source).items()}
+def check_uris(uris: Mapping[str, str], storage: StorageConfig) -> dict[str, dict[str, dict]]:
+    """The listing of every remote entry of {name: URI} (raises on a missing one). Cheap: listing only."""
+    return {name: listing(uri, storage) for name, uri in remote_uris(uris).items()}
 
 
-def stage_source(source: ModelSource, storage: StorageConfig | None = None, cache_dir: str | Path | None = None) -> ModelSource:
-    """The same source with every remote part replaced by its local staged copy (downloaded if needed)."""
-    remote = remote_fields(source)
+def stage_uris(uris: Mapping[str, str], storage: StorageConfig, root: str | Path) -> dict[str, str]:
+    """{name: local staged copy under root} for every remote entry of {name: URI} (downloaded if needed)."""
+    remote = remote_uris(uris)
     if not remote:
-        return source
-    storage = storage or StorageConfig()
-    root = Path(cache_dir) if cache_dir else default_cache_dir() / "staged"
+        return {}
+    root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    return source.model_copy(update={f: str(stage_uri(uri, storage, root)) for f, uri in remote.items()})
+    return {name: str(stage_uri(uri, storage, root)) for name, uri in remote.items()}
 
 
 def stage_uri(uri: str, storage: StorageConfig, root: Path) -> Path:
@@ -116,11 +113,3 @@ def _download(uri: str, files: dict[str, dict], storage: StorageConfig, slot: Pa
         os.rename(tmp / "object" if single else tmp / "tree", target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def staged_model(config, storage: StorageConfig | dict | None = None):
-    """A resolved ModelConfig whose source is all local (what an actor loads from)."""
-    storage = StorageConfig.model_validate(storage or {}) if not isinstance(storage, StorageConfig) else storage
-    if config.source is None:
-        return config
-    return config.model_copy(update={"source": stage_source(config.source, storage)})

@@ -188,7 +188,7 @@ def _tagger(job: TrainsetJob):
 
 def build_shard(batch: dict, job: dict) -> dict:
     from srmodel.degrade import degrade_group, get_degrade_preset
-    from srmodel.degrade.ops import resize, usm_sharpen
+    from srmodel.degrade.ops import usm_sharpen
 
     job = TrainsetJob.model_validate(job)
     shard = int(batch["shard"][0])

@@ -24,11 +24,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cluster import ray_runtime
 from cluster.storage import StorageConfig, filesystem, is_local, is_remote, join, uri_of, write_bytes_atomic
-from srmodel.metrics import SCORE_WEIGHTS, challenge_score
-from srmodel.seeds import image_id_from_uri
+from srmodel.metrics.challenge import SCORE_WEIGHTS, challenge_score
+from srmodel.sampling.seeds import image_id_from_uri
 
 from .paths import IMAGE_EXTENSIONS, output_key
-from .runfiles import latest_rows, read_listing, read_run_manifest
+from .upscale.outputs import latest_rows, read_listing, read_run_manifest
 
 METRICS = ("psnr", "ssim", "lpips", "musiq", "maniqa", "clipiqa")
 SCHEMA = pa.schema(

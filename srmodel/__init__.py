@@ -1,9 +1,16 @@
 """srmodel: the SeeSR + SAM2.1 super-resolution model and its maths. No Ray in here.
 
-Parts: SemanticUNet / SemanticControlNet (released checkpoint-90000 folders),
-SemanticEncoder (SAM2.1 hiera-tiny tokens), TextConditioner + build_prompt,
-denoise (DDPM loop, CFG, batched latent tiles), SemanticUpscaler (the SR
-stage end to end), presets and the tiny random model for tests.
+Parts (docs/architecture.md draws them):
+  models/    SemanticUNet, SemanticControlNet (released checkpoint-90000 folders), VAE, text encoder, strict loading
+  semantic/  SemanticEncoder: SAM 2.1 hiera-tiny tokens
+  ram/       the RAM + DAPE tagger (the tag prompts)
+  sampling/  DDPM, the denoising loop (CFG, batched latent tiles), noise and seeds
+  imaging/   the release and exact-size image paths, size planning, colour fix
+  metrics/   the challenge's PSNR/SSIM/Score, LPIPS and no-reference metrics
+  degrade/   the training pairs' degradation model
+  train/     the fine-tuning recipe (loss, trainable split, optimizer step)
+Top level: SemanticUpscaler (upscaler.py, the SR stage end to end), configs and presets, the builder of
+the stages' models (stages.py), prompts, errors, and the tiny random model for tests (tiny.py).
 
 Names are imported on first use: a stage that needs only the SAM2 encoder does
 not pay for importing diffusers and transformers (seconds per actor start).
@@ -12,25 +19,25 @@ not pay for importing diffusers and transformers (seconds per actor start).
 from importlib import import_module
 
 _EXPORTS = {
-    "color_fix": "colorfix",
+    "color_fix": "imaging.colorfix",
     "ModelConfig": "config",
     "ModelSource": "config",
     "SamplerConfig": "config",
     "TilingConfig": "config",
-    "SemanticControlNet": "controlnet",
+    "SemanticControlNet": "models.controlnet",
     "WeightsError": "errors",
     "PRESET_NAMES": "presets",
     "get_preset": "presets",
-    "denoise": "sampler",
-    "image_id_from_uri": "seeds",
-    "seed_for": "seeds",
-    "SemanticEncoder": "semantic_encoder",
-    "widen_tokens": "semantic_encoder",
+    "denoise": "sampling.denoise",
+    "image_id_from_uri": "sampling.seeds",
+    "seed_for": "sampling.seeds",
+    "SemanticEncoder": "semantic.sam2_encoder",
+    "widen_tokens": "semantic.sam2_encoder",
     "FixedTagger": "prompts",
-    "TextConditioner": "text",
+    "TextConditioner": "models.text_encoder",
     "build_prompt": "prompts",
     "ensure_tiny_model": "tiny",
-    "SemanticUNet": "unet",
+    "SemanticUNet": "models.unet",
     "SemanticUpscaler": "upscaler",
     "SRRequest": "upscaler",
 }

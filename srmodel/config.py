@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 WILD_ADDED_PROMPT = "clean, high-resolution, 8k, ultra-detailed, ultra-realistic"
 SYNTHETIC_ADDED_PROMPT = "clean, high-resolution, 8k"
 NEGATIVE_PROMPT = "dotted, noise, blur, lowres, smooth"
+DEFAULT_MAX_BATCH = 16  # UNet rows per forward where no GPU memory is known (CPU)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -22,7 +23,7 @@ class Strict(BaseModel):
 class ModelSource(Strict):
     """Where the released parts are: local paths or any fsspec URI (`s3://bucket/weights/checkpoint-90000`).
 
-    Remote parts are staged once per node into a local cache before loading (`cluster/weights.py`); the
+    Remote parts are staged once per node into a local cache before loading (`actors/staging.py`); the
     model code itself only ever opens local files.
     """
 
@@ -36,6 +37,14 @@ class ModelSource(Strict):
     ram_tag_list: str | None = Field(None, description="default: the shipped ram_tag_list.txt")
     ram_thresholds: str | None = Field(None, description="default: the shipped ram_tag_list_threshold.txt")
     revision: str = Field("checkpoint-90000", description="recorded in outputs; part of the params hash")
+
+    # Fields that name files or folders (the rest are options): what gets staged from object storage.
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = (
+        "sd_base", "seesr", "sam2_checkpoint", "sam2_config", "ram", "dape", "ram_tag_list", "ram_thresholds")
+
+    def paths(self) -> dict[str, str]:
+        """{field: path or URI} of every file or folder this source names."""
+        return {f: getattr(self, f) for f in self.PATH_FIELDS if getattr(self, f)}
 
 
 class SamplerConfig(Strict):
@@ -79,11 +88,20 @@ class TilingConfig(Strict):
     vae_encoder_tile: int = Field(
         1024, ge=64, description="release path: encoder tile in image pixels (start_point=lr; untiled up to tile + 64)"
     )
-    max_batch: int = Field(16, ge=1, description="most latent tiles x CFG branches in one UNet forward")
+    max_batch: int | None = Field(
+        None, ge=1,
+        description="most latent tiles x CFG branches in one UNet forward; None: the largest the GPU's memory holds "
+        "(srmodel/sampling/memory_model.py), 16 on CPU; a number set here always wins",
+    )
     pad_multiple: int = Field(
         64, ge=8, multiple_of=8,
         description="exact-size path: working images are padded up to this multiple (then cropped)",
     )
+
+    @property
+    def rows(self) -> int:
+        """max_batch, or the CPU default when it is left to the memory model and nothing resolved it."""
+        return self.max_batch or DEFAULT_MAX_BATCH
 
     @model_validator(mode="after")
     def _check(self):

@@ -43,16 +43,19 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("UGCSR_CACHE", Path.home() / ".cache" / "ugcsr"))
 
 
+def _released_paths(base: str, seesr: str) -> dict[str, str]:
+    """The files and folders every release names, under `base`."""
+    return dict(sd_base=f"{base}/stable-diffusion-2-base", seesr=f"{base}/{seesr}",
+                sam2_checkpoint=f"{base}/sam2.1_hiera_tiny.pt", ram=f"{base}/ram_swin_large_14m.pth",
+                dape=f"{base}/DAPE.pth")
+
+
 def tiny_source(folder: Path | str, seesr: str = "checkpoint-tiny") -> ModelSource:
     """The tiny parts under `folder`: a local path or any fsspec URI (joined with '/', valid for both)."""
     base = str(folder).rstrip("/")
     return ModelSource(
-        sd_base=f"{base}/stable-diffusion-2-base",
-        seesr=f"{base}/{seesr}",
-        sam2_checkpoint=f"{base}/sam2.1_hiera_tiny.pt",
+        **_released_paths(base, seesr),
         sam2_config=f"{base}/sam2.1_hiera_tiny_test.yaml",
-        ram=f"{base}/ram_swin_large_14m.pth",
-        dape=f"{base}/DAPE.pth",
         ram_config="tiny",
         ram_tag_list=f"{base}/ram_tag_list.txt",
         ram_thresholds=f"{base}/ram_tag_list_threshold.txt",
@@ -93,10 +96,10 @@ def _write_tiny(folder: Path, seesr: str = "checkpoint-tiny") -> None:
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .controlnet import SemanticControlNet
-    from .ddpm import SD2_SCHEDULER_CONFIG
-    from .semantic_encoder import TINY_TEST_CONFIG, SemanticEncoder, save_sam2_checkpoint
-    from .unet import SemanticUNet
+    from .models.controlnet import SemanticControlNet
+    from .sampling.ddpm import SD2_SCHEDULER_CONFIG
+    from .semantic.sam2_encoder import TINY_TEST_CONFIG, SemanticEncoder, save_sam2_checkpoint
+    from .models.unet import SemanticUNet
 
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
@@ -186,37 +189,63 @@ def ensure_tiny_model(cache_dir: str | Path | None = None) -> ModelSource:
     return tiny_source(folder)
 
 
-def write_released_layout(folder: str | Path) -> ModelSource:
-    """Write the tiny weights into `folder` in the released layout, to upload like the real ones.
+def real_source(folder: Path | str) -> ModelSource:
+    """A real-size release under a local `folder`, as `ugcsr upscale --preset wild --weights DIR` finds it."""
+    return ModelSource(**_released_paths(str(Path(folder).expanduser().absolute()), RELEASED_CHECKPOINT))
+
+
+SIZES = ("tiny", "real")
+
+
+def write_released_layout(folder: str | Path, size: str = "tiny", dtype: str = "fp32", log=print) -> ModelSource:
+    """Write random weights into `folder` in the released layout, to upload like the real ones.
 
     folder/stable-diffusion-2-base/, folder/checkpoint-90000/{unet,controlnet}/, folder/sam2.1_hiera_tiny.pt
-    and the tagger files (ram_swin_large_14m.pth, DAPE.pth), plus what only the tiny preset needs (its SAM2
-    yaml, its 7-tag list and thresholds). The same seeds as the cached tiny model: the same weights.
+    and the tagger files (ram_swin_large_14m.pth, DAPE.pth, the tag list and thresholds).
+    size="tiny": the tiny preset's weights (the same seeds as the cached tiny model: the same weights), plus
+    its SAM2 yaml; fp32 only. size="real": every part at its released size (srmodel/realsize.py), in
+    `dtype` ("fp32" as released, or "fp16"), one line per part to `log`; loads with the `wild` preset.
     """
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    if size == "tiny" and dtype != "fp32":
+        raise ValueError("the tiny weights are written in fp32 only; --dtype applies to --size real")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     clash = [p.name for p in folder.iterdir()]
     if clash:
         raise FileExistsError(f"{folder} is not empty ({', '.join(sorted(clash)[:5])}); pick an empty or new folder")
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=folder))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{size}-", dir=folder))
     try:
-        _write_tiny(tmp, seesr=RELEASED_CHECKPOINT)
+        if size == "real":
+            from .realsize import write_real_release
+
+            write_real_release(tmp, dtype, log=log)
+        else:
+            _write_tiny(tmp, seesr=RELEASED_CHECKPOINT)
         for part in tmp.iterdir():
             os.rename(part, folder / part.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return released_tiny_source(folder)
+    return real_source(folder) if size == "real" else released_tiny_source(folder)
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m srmodel.tiny",
-                                     description="Write the tiny preset's random weights in the released layout.")
-    parser.add_argument("dir", help="an empty or new folder; then: ugcsr upscale SRC DST --preset tiny --weights DIR")
+                                     description="Write random weights in the released layout.")
+    parser.add_argument("dir", help="an empty or new folder; then: ugcsr upscale SRC DST --preset tiny --weights DIR "
+                                    "(--preset wild for --size real)")
+    parser.add_argument("--size", choices=SIZES, default="tiny",
+                        help="tiny: the tiny preset's model; real: every part at its released size (docs/realsize.md)")
+    parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
+                        help="on-disk dtype with --size real (fp32 as released; fp16 halves disk and time)")
     args = parser.parse_args(argv)
+    if args.size == "tiny" and args.dtype != "fp32":
+        parser.error("--dtype fp16 needs --size real")
     try:
-        write_released_layout(args.dir)
+        write_released_layout(args.dir, size=args.size, dtype=args.dtype)
     except FileExistsError as err:
         parser.exit(2, f"error: {err}\n")
     print(args.dir)

@@ -15,15 +15,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import vae as vae_ops
+from .models import vae as vae_ops
 from .config import ModelConfig, SamplerConfig
-from .controlnet import SemanticControlNet
-from .ddpm import make_scheduler
-from .image_paths import image_path, round_to_uint8, to_tensor
-from .noise import NoiseStream
-from .sampler import denoise
-from .text import TextConditioner
-from .unet import SemanticUNet
+from .models.controlnet import SemanticControlNet
+from .sampling.ddpm import make_scheduler
+from .imaging.image_paths import image_path, round_to_uint8, to_tensor
+from .sampling.noise import NoiseStream
+from .sampling.denoise import denoise
+from .models.text_encoder import TextConditioner
+from .models.unet import SemanticUNet
 
 __all__ = ["SRRequest", "SemanticUpscaler", "to_tensor", "to_uint8"]
 
@@ -88,7 +88,7 @@ class SemanticUpscaler:
         latent tiles share forwards whenever tile shapes agree, whatever the image sizes.
         """
         out: list[np.ndarray] = []
-        per_call = max(1, self.config.tiling.max_batch // (2 if self.sampler.cfg else 1))
+        per_call = max(1, self.config.tiling.rows // (2 if self.sampler.cfg else 1))
         for start in range(0, len(requests), per_call):
             prepared = self.denoise(requests[start : start + per_call])
             out += [self.finish(p) for p in prepared]
@@ -135,7 +135,7 @@ class SemanticUpscaler:
             tile_size=tiling.latent_tile,
             tile_overlap=tiling.latent_overlap,
             tiling_rule="release" if self.config.geometry == "release" else "exact-size",
-            max_batch=tiling.max_batch,
+            max_batch=tiling.rows,
         )
         return [Denoised(p, r, z) for p, r, z in zip(plans, references, latents)]
 

@@ -34,9 +34,36 @@ def save_ram_checkpoint(model: RAMTagger, path: str | Path) -> None:
     _atomic_save({"model": sd}, Path(path))
 
 
-def save_dape(model: RAMTagger, path: str | Path, generator: torch.Generator, r: int = 8, scale: float = 0.02) -> None:
-    """A flat LoRA dict for every place DAPE has one (random A and B), plus untrained Tag2Text LoRA (B = 0)."""
-    lora = {}
+# Tag2Text's BERT-base parts in the real RAM object (12 layers, hidden 768) and the width their cross-attention
+# keys read: the tag encoder reads the 512-wide image projection, the text decoder 768 (RAM's med_config).
+TAG2TEXT_LAYERS = 12
+TAG2TEXT_HIDDEN = 768
+TAG2TEXT_CROSS_WIDTH = {"tag_encoder.encoder": 512, "text_decoder.bert.encoder": 768}
+
+
+def _tag2text_lora(r: int) -> dict[str, torch.Tensor]:
+    """The untrained (B = 0, A = 0 here) LoRA pairs of every Tag2Text BERT layer, as a real DAPE.pth holds them."""
+    h, lora = TAG2TEXT_HIDDEN, {}
+    for prefix, cross in TAG2TEXT_CROSS_WIDTH.items():
+        for i in range(TAG2TEXT_LAYERS):
+            for attn, key_in in (("attention", h), ("crossattention", cross)):
+                for proj, width in (("query", h), ("key", key_in)):
+                    name = f"{prefix}.layer.{i}.{attn}.self.{proj}"
+                    lora[f"{name}.lora_A"] = torch.zeros(r, width)
+                    lora[f"{name}.lora_B"] = torch.zeros(h, r)
+    return lora
+
+
+def save_dape(
+    model: RAMTagger, path: str | Path, generator: torch.Generator, r: int = 8, scale: float = 0.02,
+    tag2text: bool = False,
+) -> None:
+    """A flat LoRA dict for every place DAPE has one (random A and B), plus untrained Tag2Text LoRA (B = 0).
+
+    With `tag2text` every Tag2Text layer's pair is there too (248 tensors, ≈1.78 M at Swin-L size, as the
+    released file: RAM_DAPE.md §2.2); without, only the twins of the tagging head's layers (the tiny preset).
+    """
+    lora = _tag2text_lora(r) if tag2text else {}
     for name, module in model.named_modules():
         if name.endswith("attn.qkv"):
             c = module.in_features

@@ -1,6 +1,6 @@
 """Fine-tuning the model (METHOD.md section 3): loss, trainable split, optimizer step, checkpoints. No Ray.
 
-`pipelines/train.py` drives these pieces from Ray Train workers; everything here
+`pipelines/train/worker.py` drives these pieces from Ray Train workers; everything here
 also runs in a plain process (tests compare the two).
 """
 

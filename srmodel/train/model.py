@@ -10,13 +10,13 @@ from diffusers import AutoencoderKL, DDPMScheduler
 from torch import nn
 
 from ..config import ModelConfig
-from ..controlnet import SemanticControlNet
-from ..ddpm import make_scheduler
+from ..models.controlnet import SemanticControlNet
+from ..sampling.ddpm import make_scheduler
 from ..errors import WeightsError
-from ..loading import load_strict, read_config, read_state_dict
-from ..semantic_encoder import SemanticEncoder
-from ..text import TextConditioner
-from ..unet import SemanticUNet
+from ..models.strict_loading import load_strict, read_config, read_state_dict
+from ..semantic.sam2_encoder import SemanticEncoder
+from ..models.text_encoder import TextConditioner
+from ..models.unet import SemanticUNet
 from .config import TrainRecipe
 
 IMAGE_ATTN = ".image_attentions."
@@ -126,7 +126,7 @@ class TrainParts:
 def load_train_parts(config: ModelConfig, recipe: TrainRecipe, device="cpu") -> TrainParts:
     """Trainable weights fp32; frozen parts (and frozen UNet layers) in the recipe's frozen dtype."""
     if config.source is None:
-        raise ValueError("resolve the model config first (srmodel.loader.resolve)")
+        raise ValueError("resolve the model config first (srmodel.stages.resolve)")
     src = config.source
     unet = load_unet(config, recipe.init)
     controlnet = SemanticControlNet.from_pretrained(src.seesr, subfolder="controlnet", torch_dtype=torch.float32)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .. import vae as vae_ops
+from ..models import vae as vae_ops
 from .config import TrainRecipe
 from .model import SRTrainModel, TrainParts, load_trainable_state, trainable_state_dict
 

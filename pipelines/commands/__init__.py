@@ -1,9 +1,0 @@
-"""One module per `ugcsr` command, registered on the app in `pipelines/cli.py`.
-
-Rule that keeps `ugcsr --help` and argument errors fast (tests/test_cli_ux.py
-times them for every registered command): a command module imports only
-typer, the standard library and `common`; torch, Ray, diffusers, pyarrow and
-the pipelines are imported inside the command function, after the arguments
-are parsed. To add a command: a new module here with one function, and one
-`app.command(...)` line in `pipelines/cli.py`.
-"""

@@ -1,0 +1,78 @@
+"""The training data stage: TRAINSET's shards, the held-out split and its validation rows, the Ray Data stream.
+
+The stream is read_parquet -> CPU decode/tokenise actors (actors/train_data.py's TrainDecode)
+-> shuffle (block order here, a local buffer in each worker); Ray Train splits it over the workers.
+"""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+
+from cluster.storage import StorageConfig, filesystem, is_remote
+
+from .job import TrainJob
+
+
+def list_shards(trainset: str, storage: StorageConfig) -> list[str]:
+    """The shard files only (never _manifest/), sorted: the unshuffled order is the build order."""
+    fs, root = filesystem(trainset, storage)
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"TRAINSET {trainset} is not a folder/prefix (expected build-trainset's output)")
+    paths = sorted(fs.glob(root.rstrip("/") + "/shard-*.parquet"))
+    if not paths:
+        raise FileNotFoundError(f"TRAINSET {trainset} holds no shard-*.parquet; build it with `ugcsr build-trainset`")
+    return paths
+
+
+def arrow_filesystem(uri: str, storage: StorageConfig):
+    """(pyarrow filesystem or None, path) for Ray: object stores go through our fsspec config (endpoint, retries)."""
+    if not is_remote(uri):
+        return None, uri
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = filesystem(uri, storage)
+    return PyFileSystem(FSSpecHandler(fs)), path
+
+
+def row_counts(paths: list[str], storage: StorageConfig, trainset: str) -> list[int]:
+    fs, _ = filesystem(trainset, storage)
+    counts = []
+    for p in paths:
+        with fs.open(p, "rb") as f:
+            counts.append(pq.ParquetFile(f).metadata.num_rows)
+    return counts
+
+
+def held_out(job: TrainJob, shards: list[str]) -> tuple[list[str], list[str]]:
+    """(training shards, held-out shards): the last ones are held out for validation pictures."""
+    hold = job.holdout_shards if job.holdout_shards is not None else (1 if len(shards) >= 2 and job.val_images else 0)
+    if hold >= len(shards):
+        raise ValueError(f"holdout_shards={hold} leaves no training shard (TRAINSET has {len(shards)})")
+    return shards[: len(shards) - hold], shards[len(shards) - hold:]
+
+
+def validation_rows(job: TrainJob, held: list[str]) -> list[dict]:
+    """The first job.val_images rows of the held-out shards (undecoded: PNG bytes and prompt)."""
+    fs, _ = filesystem(job.trainset, job.storage)
+    rows = []
+    for p in held:
+        with fs.open(p, "rb") as f:
+            rows += pq.read_table(f, columns=["unit_id", "lr_png", "gt_png", "prompt"]).to_pylist()
+        if len(rows) >= job.val_images:
+            break
+    return rows[: job.val_images]
+
+
+def dataset(job: TrainJob, paths: list[str], tokenizer_folder: str):
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    from actors.train_data import TrainDecode
+
+    fs, _ = arrow_filesystem(job.trainset, job.storage)
+    ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(["unit_id", "gt_png", "lr_png", "prompt"])
+    if job.shuffle:
+        ds = ds.randomize_block_order(seed=job.recipe.seed)
+    return ds.map_batches(TrainDecode, fn_constructor_kwargs={"tokenizer_folder": tokenizer_folder},
+                          batch_size=job.decode_batch, num_cpus=job.decode_cpus,
+                          compute=ActorPoolStrategy(size=job.decode_actors))

@@ -1,0 +1,207 @@
+"""`ugcsr train`'s driver: `run_train` starts Ray Train, prints progress, finds RUN's checkpoints, exports.
+
+Fine-tuning on the `build-trainset` shards with Ray Train (V2 TorchTrainer, DDP). The driver
+lists TRAINSET's shards (a held-out shard for validation pictures) and builds the Ray Data
+stream (`data`), then runs a TorchTrainer whose storage is RUN over the per-worker loop
+(`worker`). Re-running the same command resumes from RUN's latest checkpoint; a failed worker
+group is restarted by FailureConfig and resumes the same way. The final checkpoint is
+exported to RUN/export/checkpoint-<step>/{unet,controlnet} (released layout).
+
+RUN layout: train/checkpoint-<step:08d>/ (Ray Train's checkpoints), export/,
+metrics.parquet, loss.png, validation/ (the held-out LR/GT inputs), train_job.json.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from cluster import ray_runtime
+from cluster.storage import StorageConfig, filesystem, join, read_bytes, write_bytes_atomic
+
+from .data import arrow_filesystem, dataset, held_out, list_shards, row_counts, validation_rows
+from .job import CHECKPOINT_FILES, CHECKPOINT_PREFIX, TRAIN_WORKER_MEMORY_GB, TrainJob, checkpoint_name
+from .worker import train_loop, write_metrics
+
+
+def _write_png(uri: str, image: np.ndarray, storage: StorageConfig) -> None:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "PNG")
+    write_bytes_atomic(uri, buf.getvalue(), storage)
+
+
+def _save_job(job: TrainJob) -> None:
+    """RUN/train_job.json: what the run was started with (export needs the model and init)."""
+    uri = join(job.run, "train_job.json")
+    fs, path = filesystem(uri, job.storage)
+    text = json.dumps(job.model_dump(mode="json"), indent=2)
+    if fs.exists(path):
+        old = json.loads(fs.cat_file(path))
+        if old.get("model") != json.loads(text)["model"] or old.get("recipe", {}).get("init") != job.recipe.init:
+            raise ValueError(f"{job.run} holds a run of another model ({uri}); use a new RUN folder for it")
+    write_bytes_atomic(uri, text.encode(), job.storage)
+
+
+def _print_progress(queue, stop: threading.Event, log) -> None:
+    from ray.util.queue import Empty
+
+    while not stop.is_set():
+        try:
+            log(queue.get(timeout=0.5))
+        except Empty:
+            continue
+        except Exception:  # noqa: BLE001 - the queue actor is gone at shutdown: progress lines are best effort
+            return
+
+
+def run_train(job: TrainJob, *, num_cpus: int | None = None, log=print) -> dict:
+    """Train (or resume) to job.max_steps, export the final checkpoint; returns a summary."""
+    from srmodel.stages import resolve
+
+    started = time.perf_counter()
+    model = resolve(job.model)  # tiny: built here once, workers on this node reuse the cache
+    shards = list_shards(job.trainset, job.storage)
+    train_paths, held = held_out(job, shards)
+    counts = row_counts(train_paths, job.storage, job.trainset)
+    if sum(counts) < job.workers * job.recipe.batch_size:
+        raise ValueError(f"TRAINSET has {sum(counts)} training rows, fewer than workers x batch size "
+                         f"({job.workers} x {job.recipe.batch_size})")
+    val_rows = validation_rows(job, held) if job.val_images else []
+    _save_job(job)
+    for k, r in enumerate(val_rows):  # the inputs, once, to compare the checkpoints' pictures with
+        from actors.decode import decode_image
+
+        _write_png(join(job.run, "validation", f"{k:02d}-lr.png"), decode_image(r["lr_png"])[0], job.storage)
+        _write_png(join(job.run, "validation", f"{k:02d}-gt.png"), decode_image(r["gt_png"])[0], job.storage)
+
+    done = _checkpoints(job)
+    if done and max(done) >= job.max_steps:  # nothing to train: only make sure the latest is exported
+        log(f"{job.run} is already at step {max(done)} (--max-steps {job.max_steps}): exporting only")
+        return _finish(job, done[max(done)], started)
+
+    ray_runtime.connect(job.address, num_cpus=num_cpus)
+    import ray.data
+    import ray.train
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    gpus = job.gpus_per_worker if job.gpus_per_worker is not None else (1.0 if ray_runtime.cluster_gpus() else 0.0)
+    ds = dataset(job, train_paths, str(Path(model.source.sd_base) / "tokenizer"))
+    if job.materialize:
+        ds = ds.materialize()
+    options = ray.data.ExecutionOptions(preserve_order=not job.shuffle)
+    if job.data_cpu_limit:
+        options.resource_limits = options.resource_limits.copy(cpu=job.data_cpu_limit)
+    storage_fs, storage_path = arrow_filesystem(job.run, job.storage)
+    queue = Queue(actor_options={"num_cpus": 0})
+    loop_config = {"job": job.model_copy(update={"model": model}).model_dump(mode="json"), "val_rows": val_rows,
+                   "train_rows": sum(counts), "queue": queue}
+    # Host memory per worker (Ray then never packs more workers on a node than it holds): the measured peak of
+    # loading the parts (docs/performance.md "Memory"), on GPU clusters and for the full-size model only.
+    memory = job.memory_gb if job.memory_gb is not None else (
+        TRAIN_WORKER_MEMORY_GB if gpus and model.name != "tiny" else 0.0)
+    resources = {"CPU": job.cpus_per_worker, **({"GPU": gpus} if gpus else {}),
+                 **({"memory": memory * 2**30} if memory else {})}
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=gpus > 0, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=job.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=job.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=job.keep_checkpoints),
+        ),
+        datasets={"train": ds},
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=options),
+    )
+    stop = threading.Event()
+    printer = threading.Thread(target=_print_progress, args=(queue, stop, log), daemon=True)
+    printer.start()
+    try:
+        result = trainer.fit()
+    finally:
+        stop.set()
+        printer.join(timeout=5)
+        queue.shutdown()
+    if result.error:
+        raise RuntimeError(f"training failed: {result.error}") from result.error
+    done = _checkpoints(job)
+    if not done:
+        raise RuntimeError(f"training produced no checkpoint under {join(job.run, job.run_name)}")
+    return _finish(job, done[max(done)], started)
+
+
+def _checkpoints(job: TrainJob) -> dict[int, str]:
+    """{step: path} of RUN's complete checkpoints (every file of one there: an upload cut short does not count)."""
+    fs, root = filesystem(join(job.run, job.run_name), job.storage)
+    files: dict[str, set] = {}
+    for path in fs.glob(root.rstrip("/") + f"/{CHECKPOINT_PREFIX}*/*"):
+        files.setdefault(posixpath.dirname(path), set()).add(posixpath.basename(path))
+    found = {}
+    for folder, names in files.items():
+        step = posixpath.basename(folder)[len(CHECKPOINT_PREFIX):]
+        if step.isdigit() and CHECKPOINT_FILES <= names:
+            found[int(step)] = folder
+    return found
+
+
+def _finish(job: TrainJob, checkpoint: str, started: float) -> dict:
+    """metrics.parquet + loss.png from the checkpoint's history, and its export."""
+    fs, _ = filesystem(job.run, job.storage)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("state.json", "metrics.parquet", "trainable.safetensors"):
+            Path(tmp, name).write_bytes(fs.cat_file(posixpath.join(checkpoint, name)))
+        state = json.loads(Path(tmp, "state.json").read_text())
+        rows = pq.read_table(Path(tmp) / "metrics.parquet").to_pylist()
+        write_metrics(job.run, rows, job.storage)
+        export = export_checkpoint(job.run, tmp, state["step"], job.storage)
+    return {"step": state["step"], "export": export, "checkpoint": checkpoint_name(state["step"]),
+            "steps_logged": len(rows), "wall_s": round(time.perf_counter() - started, 2)}
+
+
+def export_checkpoint(run: str, folder: str | Path, step: int, storage: StorageConfig) -> str:
+    """RUN/export/checkpoint-<step>/{unet,controlnet} from a training checkpoint folder; an existing export is kept."""
+    from safetensors.torch import load_file
+
+    from srmodel.stages import resolve
+    from srmodel.train.model import export_pretrained
+
+    target = join(run, "export", f"checkpoint-{step}")
+    fs, path = filesystem(target, storage)
+    if fs.exists(posixpath.join(path, "controlnet", "config.json")) and fs.exists(posixpath.join(path, "unet", "config.json")):
+        return target  # never overwritten: the same step always holds the same weights
+    saved = TrainJob.model_validate(json.loads(read_bytes(join(run, "train_job.json"), storage)))
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "export"
+        export_pretrained(resolve(saved.model), saved.recipe, load_file(str(Path(folder) / "trainable.safetensors")), local)
+        for file in sorted(local.rglob("*")):
+            if file.is_file():
+                write_bytes_atomic(join(target, *file.relative_to(local).parts), file.read_bytes(), storage)
+    return target
+
+
+def export_run(run: str, step: int | None, storage: StorageConfig, run_name: str = "train") -> str:
+    """Export one checkpoint of RUN (the latest by default), e.g. to compare an earlier one."""
+    saved = TrainJob.model_validate(json.loads(read_bytes(join(run, "train_job.json"), storage)))
+    done = _checkpoints(saved.model_copy(update={"run": run, "storage": storage, "run_name": run_name}))
+    if not done:
+        raise FileNotFoundError(f"{join(run, run_name)} holds no checkpoint")
+    step = max(done) if step is None else step
+    if step not in done:
+        raise FileNotFoundError(f"no checkpoint for step {step} in {join(run, run_name)}; have {sorted(done)}")
+    fs, _ = filesystem(run, storage)
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "trainable.safetensors").write_bytes(fs.cat_file(posixpath.join(done[step], "trainable.safetensors")))
+        return export_checkpoint(run, tmp, step, storage)

@@ -1,0 +1,199 @@
+"""What runs inside each Ray Train worker: `train_loop` (resume, micro-batches, checkpoints), validation, metrics.
+
+The recipe of srmodel.train (loss, accumulation, clipping); checkpoints via ray.train.report every
+C optimizer steps; metrics (RUN/metrics.parquet, RUN/loss.png), progress lines and validation
+pictures from rank 0. Ray Train pickles `train_loop` by reference: it stays a module-level function.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from cluster.storage import StorageConfig, join, write_bytes_atomic
+
+from .job import TrainJob, checkpoint_name
+
+METRICS_SCHEMA = pa.schema([("step", pa.int64()), ("loss", pa.float64()), ("lr", pa.float64()),
+                            ("grad_norm", pa.float64()), ("samples_per_s", pa.float64()), ("epoch", pa.int64()),
+                            ("time", pa.float64())])
+
+
+def write_metrics(run: str, rows: list[dict], storage: StorageConfig) -> None:
+    """RUN/metrics.parquet (one row per optimizer step) and RUN/loss.png."""
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=METRICS_SCHEMA), buf)
+    write_bytes_atomic(join(run, "metrics.parquet"), buf.getvalue(), storage)
+    if rows:
+        write_bytes_atomic(join(run, "loss.png"), loss_plot(rows), storage)
+
+
+def loss_plot(rows: list[dict]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = np.array([r["step"] for r in rows])
+    loss = np.array([r["loss"] for r in rows])
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    ax.plot(steps, loss, lw=0.6, alpha=0.4, label="loss")
+    window = max(1, len(loss) // 50)
+    if window > 1:  # a running mean: the per-step loss of diffusion training is very noisy (random t)
+        smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1:], smooth, lw=1.5, label=f"mean of {window}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("epsilon MSE")
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _microbatches(shard, job: TrainJob, world: int, start_epoch: int, skip: int, per_epoch: int):
+    """(epoch, index in epoch, batch) forever; the first `skip` batches of `start_epoch` are passed over (resume)."""
+    epoch = start_epoch
+    while True:
+        seen = 0
+        kwargs = {}
+        if job.shuffle:
+            kwargs = dict(local_shuffle_buffer_size=job.shuffle_buffer,
+                          local_shuffle_seed=job.recipe.seed * 100_003 + epoch)
+        for i, batch in enumerate(shard.iter_torch_batches(batch_size=job.recipe.batch_size, drop_last=True, **kwargs)):
+            seen += 1
+            if epoch == start_epoch and i < skip:
+                continue
+            yield epoch, i, batch
+        if seen == 0:
+            raise RuntimeError(f"the training data yields no batch per worker: {world} workers x batch "
+                               f"{job.recipe.batch_size} needs at least {world * job.recipe.batch_size} rows")
+        epoch += 1
+
+
+def _validate(parts, trainer, val_rows: list[dict], folder: Path) -> None:
+    """Super-resolve the held-out LR images with the current weights (rank 0), PNGs into folder."""
+    from PIL import Image
+
+    from actors.decode import decode_image
+    from srmodel.prompts import build_prompt
+    from srmodel.sampling.seeds import seed_for
+    from srmodel.train.step import unwrap
+    from srmodel.upscaler import SemanticUpscaler, SRRequest
+
+    model = unwrap(trainer.model)
+    model.eval()
+    try:
+        up = SemanticUpscaler(model.unet, model.controlnet, parts.vae, parts.text, parts.config, trainer.device)
+        up.scheduler_folder = parts.config.source.sd_base
+        s = parts.config.sampler
+        folder.mkdir(parents=True, exist_ok=True)
+        with torch.no_grad(), trainer.autocast():
+            for k, row in enumerate(val_rows):
+                lr, _ = decode_image(row["lr_png"])
+                tokens = parts.encoder.encode([lr])[0]
+                prompt = build_prompt(row["prompt"].rstrip(","), s.user_prompt, s.added_prompt,
+                                      added_first=s.added_prompt_first)
+                sr = up.upscale([SRRequest(lr, tokens, prompt, seed_for(row["unit_id"]))])[0]
+                Image.fromarray(sr).save(folder / f"{k:02d}-sr.png")
+    finally:
+        model.train()
+
+
+def _hms(seconds: float) -> str:
+    minutes, s = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{s:02d}"
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train's per-worker function."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from srmodel.stages import resolve
+    from srmodel.train import Trainer, load_train_parts
+
+    job = TrainJob.model_validate(config["job"])
+    recipe = job.recipe
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":  # Ray pins workers to OMP_NUM_THREADS=1
+        torch.set_num_threads(max(1, int(job.cpus_per_worker)))
+    parts = load_train_parts(resolve(job.model), recipe, device)
+    model = ray.train.torch.prepare_model(parts.model, parallel_strategy_kwargs={"find_unused_parameters": False})
+    trainer = Trainer(parts, recipe, device, model=model)
+
+    step, epoch, samples_in_epoch, rows = 0, 0, 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = trainer.load(folder)
+            step, epoch, samples_in_epoch = state["step"], state["epoch"], state["samples_in_epoch"]
+            metrics = Path(folder) / "metrics.parquet"
+            rows = pq.read_table(metrics).to_pylist() if metrics.exists() else []
+        rows = [r for r in rows if r["step"] <= step]
+    if step >= job.max_steps:
+        return
+
+    queue = config.get("queue")
+    if checkpoint is not None and rank == 0 and queue is not None:
+        queue.put_nowait(f"resumed from {checkpoint_name(step)} (epoch {epoch}, {samples_in_epoch} samples into it)")
+    per_worker_rows = config["train_rows"] // world  # streaming_split(equal=True) drops the remainder
+    per_epoch = per_worker_rows // recipe.batch_size
+    skip = samples_in_epoch // (world * recipe.batch_size)
+    batches = _microbatches(ray.train.get_dataset_shard("train"), job, world, epoch, skip, per_epoch)
+    samples_per_step = world * recipe.batch_size * recipe.grad_accum
+    validate_every = job.validate_every or job.checkpoint_every
+    started, last, first_step = time.perf_counter(), time.perf_counter(), step
+
+    while step < job.max_steps:
+        items = [next(batches) for _ in range(recipe.grad_accum)]
+        lr = trainer.lr
+        loss = trainer.accumulate([b for _, _, b in items], [e for e, _, _ in items])
+        if world > 1:  # the logged loss is the global mean, not rank 0's
+            t = torch.tensor([loss], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(t)
+            loss = float(t) / world
+        grad_norm = trainer.step()
+        step += 1
+        epoch, index = items[-1][0], items[-1][1]
+        samples_in_epoch = (index + 1) * world * recipe.batch_size
+        if per_epoch and index + 1 >= per_epoch:
+            epoch, samples_in_epoch = epoch + 1, 0
+        now = time.perf_counter()
+        rows.append({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                     "samples_per_s": samples_per_step / max(now - last, 1e-9), "epoch": epoch, "time": time.time()})
+        last = now
+        if rank == 0 and queue is not None and (step % job.log_every == 0 or step == job.max_steps):
+            rate = (step - first_step) * samples_per_step / (now - started)
+            eta = (job.max_steps - step) * (now - started) / (step - first_step)
+            queue.put_nowait(f"step {step}/{job.max_steps}  loss {loss:.4f}  lr {lr:.2e}  grad_norm {grad_norm:.3f}  "
+                             f"{rate:.2f} samples/s  ETA {_hms(eta)}")
+        if step % job.checkpoint_every == 0 or step == job.max_steps:
+            name = checkpoint_name(step)
+            with tempfile.TemporaryDirectory() as tmp:
+                ckpt = None
+                if rank == 0:
+                    trainer.save(tmp, {"step": step, "epoch": epoch, "samples_in_epoch": samples_in_epoch,
+                                       "world_size": world, "batch_size": recipe.batch_size,
+                                       "grad_accum": recipe.grad_accum, "seed": recipe.seed})
+                    pq.write_table(pa.Table.from_pylist(rows, schema=METRICS_SCHEMA), Path(tmp) / "metrics.parquet")
+                    if config.get("val_rows") and step % validate_every == 0:
+                        _validate(parts, trainer, config["val_rows"], Path(tmp) / "validation")
+                    ckpt = Checkpoint.from_directory(tmp)
+                ray.train.report({"step": step, "loss": loss, "epoch": epoch}, checkpoint=ckpt,
+                                 checkpoint_dir_name=name)
+            if rank == 0:
+                write_metrics(job.run, rows, job.storage)
+                if queue is not None:
+                    queue.put_nowait(f"checkpoint {name} saved")

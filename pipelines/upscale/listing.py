@@ -1,0 +1,285 @@
+"""What to process, planned as data: a sharded Parquet listing and the resume anti-join, both in Ray tasks.
+
+The driver only splits SRC into work units (sub-folders, chunks of root files,
+row groups of a Parquet list) and collects counts: its memory and time grow
+with the number of units and buckets, never with the number of images.
+
+    units --list tasks--> rows hashed into B buckets by output key
+    manifest parts --done tasks--> ok image_ids of this params_hash, same buckets
+    bucket k --plan task--> DST/_state/listing/<id>/part-k.parquet (cached listing)
+                            DST/_state/todo/<run>/part-k.parquet   (listing minus done)
+
+Buckets are keyed by the output key (dst_key): two URIs that would write the
+same output (cat.jpg, cat.png -> cat.png) meet in one bucket, where they get
+distinct keys; an `ok` manifest row's dst_uri gives its key, so the done set
+is bucketed the same way without any global view.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import uuid
+import zlib
+from urllib.parse import urlparse
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from cluster.storage import StorageConfig, filesystem, is_local, join, read_bytes, uri_of, write_bytes_atomic
+from srmodel.sampling.seeds import image_id_from_uri
+
+from ..paths import IMAGE_EXTENSIONS, output_key
+
+LISTING_SCHEMA = pa.schema([("image_id", pa.string()), ("src_uri", pa.string()), ("dst_key", pa.string())])
+ROWS_PER_BUCKET = 250_000  # auto bucket count for Parquet lists: a bucket stays a few tens of MiB in a task
+
+
+def _is_list_file(src: str) -> bool:
+    return src.lower().endswith((".parquet", ".txt"))
+
+
+def _key_for_uri(uri: str) -> str:
+    """Output key for a listed URI: its host/bucket and path, so two buckets never collide."""
+    parsed = urlparse(uri)
+    return f"{parsed.netloc}/{parsed.path.lstrip('/')}" if parsed.netloc else parsed.path.lstrip("/")
+
+
+def bucket_of(dst_key: str, buckets: int) -> int:
+    return zlib.crc32(dst_key.encode("utf-8")) % buckets
+
+
+def split_buckets(table: pa.Table, keys: list[str], buckets: int) -> list[pa.Table]:
+    """`table`'s rows in `buckets` tables by the hash of `keys` (one per row)."""
+    if buckets == 1:
+        return [table]
+    ids = np.fromiter((bucket_of(k, buckets) for k in keys), dtype=np.int32, count=len(keys))
+    order = np.argsort(ids, kind="stable")
+    bounds = np.searchsorted(ids[order], np.arange(buckets + 1))
+    sorted_table = table.take(pa.array(order))
+    return [sorted_table.slice(bounds[k], bounds[k + 1] - bounds[k]) for k in range(buckets)]
+
+
+def bucket_task(fn, buckets: int, **options):
+    """`fn(...)` returns `buckets` tables; the Ray task gives one ObjectRef per bucket (a list, even for one)."""
+    import ray
+
+    if buckets > 1:
+        remote = ray.remote(num_returns=buckets, **options)(fn)
+        return lambda *a, **kw: list(remote.remote(*a, **kw))
+
+    def only(*a, **kw):
+        return fn(*a, **kw)[0]
+
+    only.__name__ = fn.__name__
+    remote = ray.remote(**options)(only)
+    return lambda *a, **kw: [remote.remote(*a, **kw)]
+
+
+# --- work units (driver side: one level of SRC, or Parquet metadata; never the whole listing) ---
+
+
+def discover_units(src: str, dst: str, storage: StorageConfig, max_units: int) -> tuple[list[tuple], int | None]:
+    """Units of listing work for SRC, and the row count when it is known up front (Parquet lists)."""
+    if src.lower().endswith(".parquet"):
+        fs, path = filesystem(src, storage)
+        if not fs.exists(path):
+            raise FileNotFoundError(f"list file {src} does not exist")
+        with fs.open(path, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+        groups = list(range(meta.num_row_groups))
+        per = max(1, -(-len(groups) // max_units))
+        return [("parquet", src, groups[i : i + per]) for i in range(0, len(groups), per)], meta.num_rows
+    if src.lower().endswith(".txt"):
+        fs, path = filesystem(src, storage)
+        if not fs.exists(path):
+            raise FileNotFoundError(f"list file {src} does not exist")
+        return [("text", src)], None  # text lists are read by one task; give large lists as Parquet
+    fs, root = filesystem(src, storage)
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"SRC {src} is not a folder/prefix of images (nor a .parquet/.txt list of URIs)")
+    root = root.rstrip("/")
+    _, dst_path = filesystem(dst, storage)
+    dst_path = dst_path.rstrip("/")
+    # Runs as a Ray task (make_plan): one level of SRC may hold every key of a flat prefix, which must
+    # never pass through the driver; what comes back is O(sub-folders).
+    dirs, has_files = [], False
+    for e in fs.ls(root, detail=True):
+        name = e["name"].rstrip("/")
+        if name == dst_path or name == root:  # never take our own outputs as inputs when DST is under SRC
+            continue
+        if e["type"] == "directory":
+            dirs.append(name)
+        else:
+            has_files = True
+    fs.invalidate_cache()  # s3fs keeps listings in its dircache
+    units: list[tuple] = [("tree", d) for d in sorted(dirs)]
+    # Files directly under SRC: one unit, listed again by its task (S3 lists a prefix sequentially anyway).
+    return units + ([("files", root)] if has_files else []), None
+
+
+def group_units(units: list[tuple], tasks: int) -> list[list[tuple]]:
+    """At most `tasks` groups, round-robin (sub-folders of similar size spread over tasks)."""
+    n = max(1, min(tasks, len(units)))
+    return [units[i::n] for i in range(n)] if units else []
+
+
+def _rows_of_unit(unit: tuple, ctx: dict) -> tuple[list[str], list[str]]:
+    """(URIs, output keys before de-duplication) of one unit."""
+    storage = StorageConfig.model_validate(ctx["storage"])
+    fmt = ctx["format"]
+    kind = unit[0]
+    if kind in ("tree", "files"):
+        fs, root = filesystem(ctx["src"], storage)
+        root = root.rstrip("/")
+        inside = ctx["dst_path"].rstrip("/") + "/"
+        if kind == "tree":
+            paths = fs.find(unit[1])
+        else:
+            paths = [e["name"] for e in fs.ls(unit[1], detail=True) if e["type"] != "directory"]
+        fs.invalidate_cache()
+        paths = sorted(p for p in paths if posixpath.splitext(p)[1].lower() in IMAGE_EXTENSIONS and not p.startswith(inside))
+        uris = ["file://" + p for p in paths] if is_local(fs) else [uri_of(fs, p) for p in paths]
+        return uris, [output_key(p[len(root) + 1 :], fmt) for p in paths]
+    if kind == "parquet":
+        fs, path = filesystem(unit[1], storage)
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            names = pf.schema_arrow.names
+            col = next((c for c in ("src_uri", "uri", "path") if c in names), None)
+            if col is None and {"bucket", "key"} <= set(names):  # an S3 Inventory report
+                t = pf.read_row_groups(unit[2], columns=["bucket", "key"])
+                raw = [f"s3://{b}/{k}" for b, k in zip(t.column("bucket").to_pylist(), t.column("key").to_pylist())]
+            elif col is None:
+                raise ValueError(f"{unit[1]} needs a column named src_uri, uri or path (or bucket and key); it has {names}")
+            else:
+                raw = pf.read_row_groups(unit[2], columns=[col]).column(col).to_pylist()
+    else:
+        data = read_bytes(unit[1], storage)
+        raw = [line.strip() for line in data.decode("utf-8").splitlines() if line.strip() and not line.startswith("#")]
+    # Relative local paths are resolved against the driver's directory, not each worker's.
+    uris = [u if "://" in u else "file://" + os.path.normpath(os.path.join(ctx["cwd"], u)) for u in raw if u]
+    return uris, [output_key(_key_for_uri(u), fmt) for u in uris]
+
+
+def list_units(units: list[tuple], ctx: dict, buckets: int) -> list[pa.Table]:
+    """Rows of some units, split into buckets by output key (one table per bucket)."""
+    uris, keys = [], []
+    for unit in units:
+        u, k = _rows_of_unit(unit, ctx)
+        uris += u
+        keys += k
+    table = pa.table({"image_id": [image_id_from_uri(u) for u in uris], "src_uri": uris, "dst_key": keys},
+                     schema=LISTING_SCHEMA)
+    return split_buckets(table, keys, buckets)
+
+
+def merge_bucket(tables: list[pa.Table]) -> pa.Table:
+    """One bucket's listing: one row per distinct URI, output keys made unique (cat.jpg and cat.png)."""
+    table = pa.concat_tables(tables) if tables else LISTING_SCHEMA.empty_table()
+    if not len(table):
+        return table
+    table = table.sort_by("src_uri")
+    uris = table.column("src_uri").to_pylist()
+    keep = [i for i in range(len(uris)) if i == 0 or uris[i] != uris[i - 1]]
+    table = table.take(pa.array(keep, pa.int64()))
+    counts = pc.value_counts(table.column("dst_key")).to_pylist()
+    clashes = {c["values"] for c in counts if c["counts"] > 1}
+    if clashes:
+        keys = [_with_suffix(k, iid[:8]) if k in clashes else k
+                for k, iid in zip(table.column("dst_key").to_pylist(), table.column("image_id").to_pylist())]
+        table = table.set_column(2, "dst_key", pa.array(keys, pa.string()))
+    return table
+
+
+def _with_suffix(key: str, tag: str) -> str:
+    stem, ext = posixpath.splitext(key)
+    return f"{stem}-{tag}{ext}"
+
+
+def bucket_key(dst_key: str, image_id: str) -> str:
+    """The key an output was bucketed by: a clash suffix (added after bucketing, see merge_bucket) removed."""
+    stem, ext = posixpath.splitext(dst_key)
+    tag = f"-{image_id[:8]}"
+    return stem[: -len(tag)] + ext if image_id and stem.endswith(tag) else dst_key
+
+
+def read_parquet_uri(uri: str, storage: StorageConfig, columns: list[str] | None = None) -> pa.Table:
+    """A whole (small) Parquet file in one GET: a body cut mid-stream is re-fetched by read_bytes."""
+    return pq.read_table(io.BytesIO(read_bytes(uri, storage)), columns=columns)
+
+
+def write_parquet_uri(uri: str, table: pa.Table, storage: StorageConfig) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    write_bytes_atomic(uri, buf.getvalue(), storage)
+
+
+def plan_bucket(k: int, spec: dict, n_list: int, *tables: pa.Table) -> dict:
+    """Bucket k: its listing (from the list tasks or the cached part), minus the done image_ids."""
+    storage = StorageConfig.model_validate(spec["storage"])
+    if spec.get("listing_in"):
+        listing = read_parquet_uri(spec["listing_in"], storage)
+    else:
+        listing = merge_bucket(list(tables[:n_list]))
+    if spec.get("listing_out"):
+        write_parquet_uri(spec["listing_out"], listing, storage)
+    done = [t.column("image_id") for t in tables[n_list:] if len(t)]
+    todo = listing
+    if done:
+        done_ids = pc.unique(pa.chunked_array(done, pa.string()).combine_chunks())
+        todo = listing.filter(pc.invert(pc.is_in(listing.column("image_id"), value_set=done_ids)))
+    written = None
+    if spec.get("todo_out") and len(todo):
+        write_parquet_uri(spec["todo_out"], todo, storage)
+        written = spec["todo_out"]
+    return {"bucket": k, "listed": len(listing), "todo": len(todo), "todo_uri": written,
+            "sample": todo.column("src_uri").slice(0, 5).to_pylist()}
+
+
+# --- the cached listing of a folder/prefix SRC ---
+
+
+def listing_meta_uri(dst: str) -> str:
+    return join(dst, "_state", "listing.json")
+
+
+def read_listing_meta(dst: str, storage: StorageConfig) -> dict | None:
+    fs, path = filesystem(listing_meta_uri(dst), storage)
+    if not fs.exists(path):
+        return None
+    try:
+        return json.loads(fs.cat_file(path))
+    except (OSError, ValueError):
+        return None  # unreadable: list again
+
+
+def new_listing_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def listing_part_uri(dst: str, listing_id: str, k: int) -> str:
+    return join(dst, "_state", "listing", listing_id, f"part-{k:05d}.parquet")
+
+
+def commit_listing(dst: str, storage: StorageConfig, meta: dict, previous: dict | None) -> None:
+    """The meta file is the commit point: written after every part; an older listing is removed after it."""
+    write_bytes_atomic(listing_meta_uri(dst), json.dumps(meta).encode(), storage)
+    if previous and previous.get("listing_id") and previous["listing_id"] != meta["listing_id"]:
+        fs, path = filesystem(join(dst, "_state", "listing", previous["listing_id"]), storage)
+        try:
+            fs.rm(path, recursive=True)
+        except (OSError, FileNotFoundError):
+            pass  # a stale listing costs space, never correctness
+
+
+def list_inputs(src: str, dst: str, storage: StorageConfig, fmt: str) -> pa.Table:
+    """The whole listing in this process (benchmarks and small tools; jobs plan with Ray tasks)."""
+    _, dst_path = filesystem(dst, storage)
+    ctx = {"src": src, "dst_path": dst_path, "format": fmt, "storage": storage.model_dump(mode="json"), "cwd": os.getcwd()}
+    units, _ = discover_units(src, dst, storage, max_units=1)
+    return merge_bucket(list_units(units, ctx, 1)).sort_by("src_uri")

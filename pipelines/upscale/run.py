@@ -1,0 +1,470 @@
+"""`ugcsr upscale`: a streaming, resumable Ray Data pipeline, planned as data.
+
+plan (Ray tasks: listing shards, resume anti-join) -> read_parquet(todo shards)
+-> read + decode (CPU tasks, concurrent fetches) -> semantic (actor pool) -> SR
+(actor pool; or one fused semantic+SR pool) -> encode + write (CPU tasks) ->
+manifest sink (CPU tasks write Parquet parts under DST/_manifest/run=<id>/ and
+return one count row each). The driver holds the plan's counts and iterates
+count rows: its memory does not grow with the number of images.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import math
+import os
+import socket
+import threading
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+from actors import io
+from actors.fused import SemanticSRStage
+from actors.guard import CrashJournal, guarded
+from actors.progress import ProgressCounter
+from actors.semantic import SemanticStage
+from actors.sr import SRStage
+from cluster import ray_runtime
+from cluster.lease import DstLease
+from cluster.storage import StorageConfig, filesystem, is_remote, join
+from cluster.weights import check_uris
+from srmodel.stages import resolve
+
+from . import listing as L
+from .job import SEMANTIC_MEMORY_GB, SR_MEMORY_GB, UpscaleJob
+from .manifest import STAGES, done_tables, manifest_files, new_run_id, run_dir, write_part, write_summary
+from ..paths import IMAGE_EXTENSIONS
+from .pools import plan_pools
+
+log = logging.getLogger("ugcsr")
+
+ProgressFn = Callable[[int, int, int], None]  # on_progress(done, errors, total): as write batches finish
+
+
+@dataclass
+class Plan:
+    total: int  # listed images (after --limit: processed + skipped)
+    to_process: int
+    skipped: int
+    listing_cached: bool
+    todo_uris: list = field(default_factory=list)  # the todo shards (one per non-empty bucket)
+    sample: list = field(default_factory=list)
+    buckets: int = 0
+    run_id: str = ""
+    listed_at: str | None = None  # when the listing was made (UTC, ISO 8601); None for a list file
+    pools: dict = field(default_factory=dict)
+
+
+def _auto_buckets(job: UpscaleJob, known_rows: int | None) -> int:
+    if job.plan_buckets:
+        return job.plan_buckets
+    if known_rows is not None:
+        return max(1, min(4096, math.ceil(known_rows / L.ROWS_PER_BUCKET)))
+    return 8
+
+
+def make_plan(job: UpscaleJob, *, write: bool = True, run_id: str | None = None) -> Plan:
+    """Listing and resume anti-join as Ray tasks (Ray must be connected); the driver keeps counts only.
+
+    `write=False` (dry run) writes nothing: the plan's counts come back, no shard is stored.
+    """
+    import ray
+
+    run_id = run_id or new_run_id()
+    storage, cfg = job.storage, job.storage.model_dump(mode="json")
+    retries = job.retries.task_max_retries
+    tasks = job.plan_tasks or max(4, min(256, 2 * int(ray_runtime.cluster_cpus() or 1)))
+    _, dst_path = filesystem(job.dst, storage)
+    ctx = {"src": job.src, "dst_path": dst_path, "format": job.format, "storage": cfg, "cwd": os.getcwd()}
+    folder = not L._is_list_file(job.src)
+    meta = L.read_listing_meta(job.dst, storage) if folder else None
+    # relist None: local folders are listed every run (cheap, new files never missed), remote prefixes once.
+    relist = (not is_remote(job.src)) if job.relist is None else job.relist
+    cached = bool(folder and not relist and meta and meta.get("src") == job.src and meta.get("format") == job.format)
+    listed_at = meta.get("listed_at") if cached else (dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+                                                     if folder else None)
+    if cached:
+        buckets, listing_id, list_refs = meta["buckets"], meta["listing_id"], []
+    else:
+        discover = ray.remote(max_retries=retries)(L.discover_units).remote(job.src, job.dst, storage, max_units=tasks)
+        try:
+            units, known_rows = ray.get(discover)
+        except ray.exceptions.RayTaskError as err:
+            raise err.cause from None  # e.g. "SRC ... is not a folder": the user's problem, without Ray's wrapping
+        buckets, listing_id = _auto_buckets(job, known_rows), L.new_listing_id()
+        lister = L.bucket_task(L.list_units, buckets, max_retries=retries)
+        list_refs = [lister(group, ctx, buckets) for group in L.group_units(units, tasks)]
+    # The done set: ok rows of this params_hash in every manifest part, bucketed like the listing.
+    files = manifest_files(job.dst, storage)
+    per = max(1, math.ceil(len(files) / tasks))
+    doner = L.bucket_task(done_tables, buckets, max_retries=retries)
+    done_refs = [doner(files[i : i + per], dst=job.dst, storage=cfg, params_hash=job.params_hash(), buckets=buckets)
+                 for i in range(0, len(files), per)]
+    if write:
+        _remove(join(job.dst, "_state", "todo"), storage)  # shards of an interrupted earlier run
+    planner = ray.remote(max_retries=retries)(L.plan_bucket)
+    refs = []
+    for k in range(buckets):
+        spec = {"storage": cfg,
+                "listing_in": L.listing_part_uri(job.dst, listing_id, k) if cached else None,
+                "listing_out": L.listing_part_uri(job.dst, listing_id, k) if (write and folder and not cached) else None,
+                "todo_out": join(job.dst, "_state", "todo", run_id, f"part-{k:05d}.parquet") if write else None}
+        mine = [r[k] for r in list_refs]
+        refs.append(planner.remote(k, spec, len(mine), *mine, *[r[k] for r in done_refs]))
+    listed = to_do = 0
+    todo_uris, sample = [], []
+    for out in ray.get(refs):  # B small dicts
+        listed += out["listed"]
+        to_do += out["todo"]
+        if out["todo_uri"]:
+            todo_uris.append(out["todo_uri"])
+        sample += out["sample"][: max(0, 5 - len(sample))]
+    if not listed:
+        raise FileNotFoundError(f"SRC {job.src} holds no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}); "
+                                "nothing to do")
+    if write and folder and not cached:
+        L.commit_listing(job.dst, storage, {"src": job.src, "format": job.format, "buckets": buckets,
+                                            "listing_id": listing_id, "images": listed, "listed_at": listed_at}, meta)
+    skipped = listed - to_do
+    if job.limit:  # at most N to process this run: re-running with the same limit moves on
+        to_do = min(to_do, job.limit)
+    return Plan(total=to_do + skipped, to_process=to_do, skipped=skipped, listing_cached=cached,
+                todo_uris=todo_uris, sample=sample, buckets=buckets, run_id=run_id, listed_at=listed_at)
+
+
+def _remove(uri: str, storage: StorageConfig) -> None:
+    fs, path = filesystem(uri, storage)
+    try:
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    except (OSError, FileNotFoundError):
+        pass  # leftovers cost space, never correctness
+
+
+def io_sizes(job: UpscaleJob, pools: dict, todo: int | None = None) -> tuple[int, int]:
+    """(read/decode tasks, encode/write tasks): from the CPUs the actor pools leave free, unless set.
+
+    With `todo` known, never more tasks than batches of work (more only earns Ray a warning).
+    """
+    r = job.resources
+    if r.io_tasks:
+        reads = writes = r.io_tasks
+    else:
+        cpus = ray_runtime.cluster_cpus() or float(os.cpu_count() or 1)
+        free = max(1.0, cpus - pools["sr_actors"] * pools["sr_cpus"] - pools["semantic_actors"] * pools["semantic_cpus"])
+        # Reads wait on the network (0.25 CPU each, threads inside); encoding is CPU-bound: half the free CPUs each.
+        reads, writes = max(2, int(free * 0.5 / r.io_cpus)), max(2, int(free * 0.5 / r.encode_cpus))
+    if todo:
+        reads, writes = min(reads, math.ceil(todo / r.io_batch)), min(writes, math.ceil(todo / r.sr_batch))
+    return reads, writes
+
+
+def build_dataset(job: UpscaleJob, plan: Plan, pools: dict, journal=None, progress=None):
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for retry bounds; its catch-all **ray_remote_args warns (removal in 2.64).
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return _build_dataset(job, plan, pools, journal, progress)
+
+
+def _build_dataset(job: UpscaleJob, plan: Plan, pools: dict, journal=None, progress=None):
+    import ray.data
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
+    r, rt = job.resources, job.retries
+    model = job.model.model_dump(mode="json")
+    storage = job.storage.model_dump(mode="json")
+    fs, _ = filesystem(plan.todo_uris[0], job.storage)
+    fs.invalidate_cache()  # s3fs may have cached a listing of _state/ from before the shards were written
+    paths = [filesystem(u, job.storage)[1] for u in plan.todo_uris]
+    ds = ray.data.read_parquet(paths, filesystem=fs if is_remote(plan.todo_uris[0]) else None,
+                               ray_remote_args={"max_retries": rt.task_max_retries})
+    if job.limit:
+        ds = ds.limit(plan.to_process)
+    # A todo shard is one block of up to ~250k small rows: split it (streaming) so read tasks run in parallel.
+    ds = ds.repartition(target_num_rows_per_block=r.io_batch)
+    reads, writes = io_sizes(job, pools, plan.to_process)
+    guard = {"journal": journal, "max_crashes": rt.max_crashes_per_image}
+    # Bounded (Ray Data's defaults are -1: a crashing input would be retried forever).
+    task_retry = {"max_retries": rt.task_max_retries}
+    actor_retry = {"max_restarts": rt.actor_max_restarts, "max_task_retries": rt.actor_max_task_retries}
+    # Host memory is reserved for the full-size models on GPUs; the tiny preset (tests, trials on logical GPUs) needs none.
+    full = pools["sr_gpus"] > 0 and job.model.name != "tiny"
+    sr_mem = r.sr_memory_gb if r.sr_memory_gb is not None else (SR_MEMORY_GB if full else 0.0)
+    sem_mem = r.semantic_memory_gb if r.semantic_memory_gb is not None else (SEMANTIC_MEMORY_GB if full else 0.0)
+    s = job.model.sampler
+    group = {"scale": s.upscale, "process_size": s.process_size, "multiple": job.model.tiling.pad_multiple}
+    ds = ds.map_batches(io.read_decode, fn_kwargs={"storage": storage, "max_pixels": job.max_pixels,
+                                                   "fetch_threads": r.fetch_threads, "group": group, **guard},
+                        batch_size=r.io_batch, num_cpus=pools["io_cpus"], compute=TaskPoolStrategy(size=reads),
+                        **task_retry)
+    sr_kwargs = {"config": model, "base_seed": job.base_seed, "cpu_threads": pools.get("cpu_threads"),
+                 "max_output_pixels": job.max_output_pixels, "storage": storage,
+                 "gpu_share": pools["sr_gpus"] or 1.0, **guard}
+    # Min..max: a fixed cluster gets min == max (every actor up front); an autoscaling one grows GPU nodes.
+    sr_pool = ActorPoolStrategy(min_size=pools["sr_actors"], max_size=pools["sr_actors_max"])
+    if pools["layout"] == "fused":  # one actor holds both models: its memory is both reservations
+        mem = sr_mem + sem_mem
+        ds = ds.map_batches(guarded(SemanticSRStage, "sr"),
+                            fn_constructor_kwargs={**sr_kwargs, "cache_uri": job.cache_semantic},
+                            batch_size=r.sr_batch, compute=sr_pool, num_gpus=pools["sr_gpus"], num_cpus=pools["sr_cpus"],
+                            **({"memory": mem * 2**30} if mem else {}), **actor_retry)
+    else:
+        ds = ds.map_batches(guarded(SemanticStage, "semantic"),
+                            fn_constructor_kwargs={"config": model, "cpu_threads": pools.get("cpu_threads"),
+                                                   "cache_uri": job.cache_semantic, "storage": storage, **guard},
+                            batch_size=r.semantic_batch, compute=ActorPoolStrategy(size=pools["semantic_actors"]),
+                            num_gpus=pools["semantic_gpus"], num_cpus=pools["semantic_cpus"],
+                            **({"memory": sem_mem * 2**30} if sem_mem else {}), **actor_retry)
+        ds = ds.map_batches(guarded(SRStage, "sr"), fn_constructor_kwargs=sr_kwargs,
+                            batch_size=r.sr_batch, compute=sr_pool, num_gpus=pools["sr_gpus"], num_cpus=pools["sr_cpus"],
+                            **({"memory": sr_mem * 2**30} if sr_mem else {}), **actor_retry)
+    ds = ds.map_batches(io.write, fn_kwargs={"dst": job.dst, "fmt": job.format, "quality": job.quality,
+                                             "storage": storage, "progress": progress, **guard},
+                        batch_size=r.sr_batch, num_cpus=r.encode_cpus, compute=TaskPoolStrategy(size=writes),
+                        **task_retry)
+    meta = dict(dst=job.dst, run_id=plan.run_id, storage=storage, params_hash=job.params_hash(),
+                model_id=_model_id(job), node_id=socket.gethostname())
+    sinks = max(1, min(2, math.ceil(plan.to_process / job.manifest_rows_per_file)))
+    ds = ds.map_batches(write_part, fn_kwargs=meta, batch_size=job.manifest_rows_per_file, num_cpus=0.25,
+                        compute=TaskPoolStrategy(size=sinks), **task_retry)
+    return ds
+
+
+class Tally:
+    """Running counts from the sink's count rows: the driver keeps no per-image state."""
+
+    def __init__(self):
+        self.rows = self.ok = self.parts = 0
+        self.errors: Counter = Counter()
+        self.stage_ms = {s: [0.0, 0] for s in STAGES}
+
+    def add(self, rec: dict) -> None:
+        self.parts += 1
+        self.rows += int(rec["rows"])
+        self.ok += int(rec["ok"])
+        self.errors.update(json.loads(str(rec["error_types"])))
+        for s in STAGES:
+            self.stage_ms[s][0] += float(rec[f"{s}_ms_sum"])
+            self.stage_ms[s][1] += int(rec[f"{s}_n"])
+
+
+def summarize(tally: Tally, plan: Plan, wall: float, job: UpscaleJob, state: str) -> dict:
+    status = Counter({"ok": tally.ok, "error": tally.rows - tally.ok, "skipped": plan.skipped})
+    per_stage = {
+        s: {"ms_per_image": round(total / n, 3), "images_per_s_per_worker": round(1000 * n / total, 3)}
+        for s, (total, n) in tally.stage_ms.items() if n and total
+    }
+    return {
+        "run_id": plan.run_id,
+        "state": state,
+        "src": job.src,
+        "dst": job.dst,
+        "preset": job.model.name,
+        "params_hash": job.params_hash(),
+        "images": plan.total,
+        "by_status": {k: v for k, v in status.items() if v},
+        "by_error_type": dict(tally.errors),
+        "processed": tally.rows,
+        # Planned but without a row this run (blocks lost past every retry, or an interrupted run): redone on resume.
+        "unaccounted": max(0, plan.to_process - tally.rows),
+        "manifest": run_dir(job.dst, plan.run_id),
+        "manifest_parts": tally.parts,
+        "wall_s": round(wall, 3),
+        "images_per_s": round(tally.rows / wall, 4) if wall > 0 else None,
+        "stages": per_stage,
+        "pools": plan.pools,
+        "listing_reused": plan.listing_cached,
+        "plan_buckets": plan.buckets,
+    }
+
+
+def run_upscale(job: UpscaleJob, *, on_plan=None, on_progress: ProgressFn | None = None,
+                num_cpus: int | None = None) -> dict:
+    """Run the job to the end and return its summary (also written to DST/_runs/<run>/ and _runs/latest/).
+
+    Hooks: `on_plan(plan)` once planned (counts and pools); `on_progress(done, errors, total)` as write
+    batches finish (from a driver thread), with running totals of this run, and once more at the end with
+    the exact figures from the manifest (the progress display's hook).
+    """
+    check_source(job)  # missing weights fail here, not inside every actor
+    check_paths(job)  # so do a missing SRC and an unusable DST, before any cluster is started
+    with DstLease(job.dst, job.storage):  # one writer per DST: a second run fails naming this one
+        return _run_leased(job, on_plan=on_plan, on_progress=on_progress, num_cpus=num_cpus)
+
+
+def _run_leased(job: UpscaleJob, *, on_plan=None, on_progress: ProgressFn | None = None,
+                num_cpus: int | None = None) -> dict:
+    import ray
+
+    started = time.perf_counter()
+    where = ray_runtime.connect(job.address, num_cpus=num_cpus)
+    check_paths_reach_nodes(job)
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the CLI draws its own
+    ctx.wait_for_min_actors_s = int(job.actor_start_timeout_s)  # never hang silently on unschedulable actors
+    ctx.max_errored_blocks = job.retries.max_errored_blocks
+    plan = make_plan(job)
+    plan.pools = plan_pools(job, nodes=ray_runtime.alive_nodes(), autoscale=ray_runtime.autoscaling_node_types(),
+                            todo=plan.to_process)
+    log.info("ugcsr: Ray at %s; %d image(s) to process, %d skipped; pools %s", where, plan.to_process, plan.skipped,
+             json.dumps(plan.pools))
+    if on_plan:
+        on_plan(plan)
+    tally, state = Tally(), "failed"
+    helpers, poller = [], None
+    try:
+        if plan.to_process:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            # On the driver's node: a worker node that leaves mid-run must not take them with it.
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+            journal = ray.remote(num_cpus=0, max_restarts=-1)(CrashJournal).options(scheduling_strategy=here).remote()
+            counter = ray.remote(num_cpus=0)(ProgressCounter).options(scheduling_strategy=here).remote()
+            helpers = [journal, counter]
+            if on_progress:
+                poller = _ProgressPoller(counter, tally, plan.to_process, on_progress)
+            ds = build_dataset(job, plan, plan.pools, journal, counter)
+            batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0))
+            try:
+                for batch in batches:
+                    for rec in batch.to_pylist():
+                        tally.add(rec)
+                    if poller:
+                        poller.raise_error()
+                if poller:
+                    poller.raise_error()
+            finally:
+                if hasattr(batches, "close"):
+                    batches.close()  # an interrupted run stops its executor and releases its actors
+        state = "finished"
+    finally:
+        if poller is not None:
+            poller.stop()
+        if on_progress and plan.to_process and state == "finished":  # the exact figures, from the manifest parts
+            on_progress(tally.rows, tally.rows - tally.ok, plan.to_process)
+        # A summary even for a failed or interrupted run: what was written is in the manifest.
+        summary = summarize(tally, plan, time.perf_counter() - started, job, state)
+        write_summary(job.dst, plan.run_id, summary, job.storage)
+        _remove(join(job.dst, "_state", "todo", plan.run_id), job.storage)
+        for actor in helpers:
+            ray.kill(actor)
+    return summary
+
+
+class _ProgressPoller:
+    """A driver thread: calls on_progress whenever the write stage's count moves (see actors/progress.py)."""
+
+    def __init__(self, counter, tally: Tally, total: int, on_progress: ProgressFn):
+        self.counter, self.tally, self.total, self.on_progress = counter, tally, total, on_progress
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ugcsr-progress", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import ray
+
+        seen = (0, 0)
+        while not self._stop.is_set():
+            try:
+                now = tuple(ray.get(self.counter.wait.remote(seen, 1.0), timeout=10))
+            except Exception:  # noqa: BLE001 - a display hint: never let it disturb the run
+                self._stop.wait(1.0)
+                continue
+            if self._stop.is_set():
+                break
+            if now == seen:  # the wait timed out: nothing new to show
+                continue
+            seen = now
+            done = min(self.total, max(seen[0], self.tally.rows))  # a retried write batch may count twice
+            try:
+                self.on_progress(done, min(done, seen[1]), self.total)
+            except BaseException as err:  # noqa: BLE001 - handed to the driver loop (e.g. a caller's interrupt)
+                self.error = err
+                return
+
+    def raise_error(self) -> None:
+        """In the driver loop: an exception raised by on_progress ends the run there, as if raised in it."""
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
+
+
+def check_paths(job: UpscaleJob) -> None:
+    fs, path = filesystem(job.src, job.storage)
+    if not fs.exists(path):
+        what = "list file" if L._is_list_file(job.src) else "folder/prefix"
+        raise FileNotFoundError(f"SRC {job.src} does not exist (expected a {what} of images)")
+    if not is_remote(job.dst) and os.path.exists(job.dst) and not os.path.isdir(job.dst):
+        raise NotADirectoryError(f"DST {job.dst} is a file; give a folder or prefix for the outputs")
+
+
+def check_source(job: UpscaleJob) -> None:
+    # Actors resolve the model themselves (the tiny preset is built on each node), so `job` keeps it as given.
+    src = resolve(job.model).source
+    parts = [("stable-diffusion-2-base folder", src.sd_base), ("SeeSR checkpoint folder", src.seesr),
+             ("SAM2 checkpoint", src.sam2_checkpoint)]
+    if job.model.sampler.prompt_source == "tagger":
+        if not src.ram:
+            raise FileNotFoundError("prompt_source=tagger needs ram_swin_large_14m.pth (and DAPE.pth) in the model "
+                                    "source; put them beside the other weights or use --prompt-source fixed")
+        parts += [("RAM checkpoint", src.ram)] + ([("DAPE LoRA", src.dape)] if src.dape else [])
+    for what, path in parts:
+        if not is_remote(path) and not os.path.exists(path):
+            raise FileNotFoundError(f"{what} {path} does not exist (model source of preset {job.model.name!r})")
+    check_uris(src.paths(), job.storage)  # weights on object storage: listed here, staged by each node's actors
+
+
+def check_paths_reach_nodes(job: UpscaleJob) -> None:
+    """Local SRC/DST/cache/weights paths mean another disk on another machine: refuse unless --shared-fs."""
+    if job.shared_fs or not ray_runtime.spans_machines():
+        return
+    src = job.model.source
+    local = [(what, p) for what, p in (("SRC", job.src), ("DST", job.dst), ("--cache-semantic", job.cache_semantic),
+                                      ("weights", src.sd_base if src else None)) if p and not is_remote(p)]
+    if local:
+        names = ", ".join(f"{what} {p}" for what, p in local)
+        raise ValueError(f"{names}: a local path on a multi-node Ray cluster means a different disk on each node; "
+                         "use object storage (s3://...) or, if it is a filesystem every node mounts at the same "
+                         "path, pass --shared-fs")
+
+
+def _model_id(job: UpscaleJob) -> str:
+    src = job.model.source
+    return f"{job.model.name}:{src.revision}" if src else f"{job.model.name}:random"
+
+
+def dry_run(job: UpscaleJob) -> dict:
+    """What would run: counts to process/skip and the pools asked for; loads no model, writes nothing.
+
+    Planning runs as Ray tasks (an embedded local Ray when no address is given).
+    """
+    check_paths(job)
+    ray_runtime.connect(job.address)
+    plan = make_plan(job, write=False)
+    try:
+        pools = plan_pools(job, nodes=ray_runtime.alive_nodes(), autoscale=ray_runtime.autoscaling_node_types(),
+                           todo=plan.to_process)
+    except ValueError as err:  # what the real run would refuse, said instead of a pool plan
+        pools = {"error": str(err)}
+    return {
+        "images": plan.total,
+        "to_process": plan.to_process,
+        "to_skip": plan.skipped,
+        "listing_reused": plan.listing_cached,
+        "listed_at": plan.listed_at,
+        "params_hash": job.params_hash(),
+        "plan_buckets": plan.buckets,
+        "pools": pools,
+        "first": plan.sample,
+    }

@@ -1,0 +1,1 @@
+"""Tests of cluster/: pools, lease, weights staging, Ray Jobs, cluster manifests."""

@@ -1,0 +1,211 @@
+"""Listing, output keys, resume rules and planning as Ray tasks; storage error classification."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from cluster.lease import DstLease
+from cluster.storage import StorageConfig, error_code
+from tests.support.inputs import rng_image
+from pipelines.upscale.job import UpscaleJob
+from pipelines.upscale.listing import list_inputs, merge_bucket, split_buckets
+from pipelines.cli import app
+from pipelines.upscale.manifest import SCHEMA, read_manifest, to_table
+from pipelines.upscale.run import make_plan, plan_pools
+from srmodel import get_preset
+from srmodel.sampling.seeds import image_id_from_uri
+
+S = StorageConfig()
+
+
+def job(src, dst, **kw):
+    return UpscaleJob.model_validate({"src": str(src), "dst": str(dst), "model": get_preset("tiny").model_dump(mode="json"), **kw})
+
+
+def test_same_stem_different_extension_gets_distinct_outputs(tmp_path):
+    rng_image(8, 8).save(tmp_path / "cat.jpg")
+    rng_image(8, 8).save(tmp_path / "cat.png")
+    rng_image(8, 8).save(tmp_path / "dog.png")
+    keys = list_inputs(str(tmp_path), str(tmp_path / "out"), S, "png").column("dst_key").to_pylist()
+    assert len(set(keys)) == 3 and "dog.png" in keys
+    assert all(k.startswith("cat-") for k in keys if k != "dog.png")
+
+
+def test_resume_finds_outputs_whose_names_clashed(ray_local, tmp_path):
+    """cat.jpg and cat.png write cat-<id>.png; the done set must meet them in the bucket they were listed in."""
+    src, dst = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    for name in ("cat.jpg", "cat.png", "dog.png", "emu.png"):
+        rng_image(8, 8).save(src / name)
+    j = job(src, dst, plan_buckets=8)
+    listing = list_inputs(str(src), str(dst), S, "png").to_pylist()
+    assert sum(r["dst_key"].startswith("cat-") for r in listing) == 2
+    _fake_manifest(dst, [_row(r, dst, params=j.params_hash()) for r in listing])
+    assert make_plan(j, write=False).to_process == 0, "every image done, clashing names included"
+
+
+def test_buckets_keep_clashing_keys_together_and_dedupe_uris():
+    uris = [f"file:///d/{(i % 100) // 2}.{'jpg' if i % 2 else 'png'}" for i in range(200)]  # 100 distinct, clashing stems
+    keys = [u.rsplit("/", 1)[1].split(".")[0] + ".png" for u in uris]
+    table = pa.table({"image_id": [image_id_from_uri(u) for u in uris], "src_uri": uris, "dst_key": keys})
+    parts = split_buckets(table, keys, 7)
+    assert sum(len(p) for p in parts) == 200
+    merged = [merge_bucket([p]) for p in parts]
+    assert sum(len(m) for m in merged) == 100, "one row per distinct URI"
+    out = [k for m in merged for k in m.column("dst_key").to_pylist()]
+    assert len(out) == len(set(out)) == 100, "clashing output keys met in one bucket and were made distinct"
+
+
+def test_list_file_duplicates_relative_paths(ray_local, tmp_path, monkeypatch):
+    rng_image(8, 8).save(tmp_path / "a.png")
+    lst = tmp_path / "list.txt"
+    lst.write_text("a.png\na.png\n# comment\n")
+    monkeypatch.chdir(tmp_path)
+    plan = make_plan(job(lst, tmp_path / "out"), write=False)
+    assert plan.total == 1 and plan.sample == [f"file://{tmp_path}/a.png"]
+    lst.write_text("a.png\nb.png\n")
+    plan = make_plan(job(lst, tmp_path / "out"), write=False)
+    assert plan.total == 2 and not plan.listing_cached, "a list file is read afresh every run"
+
+
+def test_folder_listing_is_sharded_cached_until_relist_and_skips_dst(ray_local, tmp_path):
+    src = tmp_path / "src"
+    (src / "sub" / "deeper").mkdir(parents=True)
+    for k in range(6):
+        rng_image(8, 8, k).save(src / ("sub" if k % 2 else ".") / f"{k}.png")
+    rng_image(8, 8).save(src / "sub" / "deeper" / "x.jpg")
+    (src / "out").mkdir()
+    rng_image(8, 8).save(src / "out" / "old.png")  # an earlier output inside SRC
+    j = job(src, src / "out", plan_buckets=3, relist=False)
+    plan = make_plan(j)
+    assert plan.total == plan.to_process == 7 and not plan.listing_cached and plan.buckets == 3
+    meta = json.loads((src / "out" / "_state" / "listing.json").read_text())
+    shards = sorted((src / "out" / "_state" / "listing" / meta["listing_id"]).glob("part-*.parquet"))
+    assert len(shards) == 3 and sum(pq.read_metadata(p).num_rows for p in shards) == 7
+    assert all("/out/" not in u for p in shards for u in pq.read_table(p).column("src_uri").to_pylist())
+    rng_image(8, 8).save(src / "new.png")
+    assert make_plan(j).total == 7 and make_plan(j).listing_cached
+    again = make_plan(j.model_copy(update={"relist": True}))
+    assert again.total == 8 and not again.listing_cached and again.listed_at
+    assert not (src / "out" / "_state" / "listing" / meta["listing_id"]).exists(), "the old listing is removed"
+    (src / "newer.png").write_bytes((src / "new.png").read_bytes())
+    default = make_plan(j.model_copy(update={"relist": None}))
+    assert default.total == 9 and not default.listing_cached, "local folders are listed again by default"
+
+
+def _fake_manifest(dst, rows, run="r1"):
+    d = dst / "_manifest" / f"run={run}"
+    d.mkdir(parents=True, exist_ok=True)
+    pq.write_table(to_table(rows), d / f"part-{len(list(d.iterdir()))}.parquet")
+
+
+def _row(listing_row, dst, status="ok", params="p", when=0):
+    import datetime as dt
+
+    return {"image_id": listing_row["image_id"], "src_uri": listing_row["src_uri"], "status": status,
+            "params_hash": params, "dst_uri": f"file://{dst}/{listing_row['dst_key']}" if status == "ok" else None,
+            "timings_ms": {}, "finished_at": dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(seconds=when)}
+
+
+def test_resume_anti_join_in_ray_and_limit(ray_local, tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    for k in range(10):
+        rng_image(8, 8, k).save(src / f"{k}.png")
+    j = job(src, dst, plan_buckets=4)
+    listing = list_inputs(str(src), str(dst), S, "png").to_pylist()
+    p = j.params_hash()
+    # 4 done with these settings, 1 done with other settings, 1 failed: 6 remain
+    _fake_manifest(dst, [_row(r, dst, params=p) for r in listing[:4]] + [_row(listing[4], dst, params="other"),
+                                                                          _row(listing[5], dst, status="error", params=p)])
+    plan = make_plan(j)
+    assert (plan.total, plan.to_process, plan.skipped) == (10, 6, 4)
+    todo = pa.concat_tables([pq.read_table(u) for u in plan.todo_uris])
+    assert sorted(todo.column("image_id").to_pylist()) == sorted(r["image_id"] for r in listing[4:])
+    limited = make_plan(j.model_copy(update={"limit": 2}), write=False)
+    assert limited.to_process == 2 and limited.skipped == 4
+
+
+def test_compaction_keeps_the_latest_row_and_resume_reads_both_layouts(ray_local, tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    for k in range(6):
+        rng_image(8, 8, k).save(src / f"{k}.png")
+    j = job(src, dst, plan_buckets=2)
+    listing = list_inputs(str(src), str(dst), S, "png").to_pylist()
+    p = j.params_hash()
+    old = dst / "_manifest" / "run=a"  # a part from before the tags/notes columns existed
+    old.mkdir(parents=True)
+    pq.write_table(to_table([_row(r, dst, status="error", params=p, when=0) for r in listing]).drop_columns(["tags", "notes"]),
+                   old / "part-0.parquet")
+    for i, r in enumerate(listing[:3]):
+        _fake_manifest(dst, [_row(r, dst, params=p, when=10 + i)], run="b")
+    assert make_plan(j, write=False).to_process == 3
+    with DstLease(str(dst), S):  # a run is writing into DST: compaction waits its turn
+        held = CliRunner().invoke(app, ["manifest", "compact", str(dst), "--rows-per-file", "4"])
+    assert held.exit_code == 3 and "lease" in held.output.lower(), held.output
+    wrong = CliRunner().invoke(app, ["manifest", "compact", str(tmp_path / "nowhere")])
+    assert wrong.exit_code == 3 and "has no manifest" in " ".join(wrong.output.split()), wrong.output
+    done = CliRunner().invoke(app, ["manifest", "compact", str(dst), "--rows-per-file", "4"])
+    assert done.exit_code == 0, done.output
+    out = json.loads(done.stdout)
+    assert out["files_before"] == 4 and out["rows_before"] == 9 and out["rows_after"] == 6
+    rows = read_manifest(str(dst), S).to_pylist()
+    assert len(rows) == 6 and sum(r["status"] == "ok" for r in rows) == 3, "latest row per image and params_hash"
+    assert all(f.parent.name.startswith("run=compacted-") for f in (dst / "_manifest").rglob("*.parquet"))
+    assert make_plan(j, write=False).to_process == 3, "resume reads compacted parts"
+    _fake_manifest(dst, [_row(listing[3], dst, params=p, when=99)], run="c")
+    assert make_plan(j, write=False).to_process == 2, "...and new run folders beside them"
+    assert pq.read_table(next((dst / "_manifest").rglob("*.parquet"))).schema.equals(SCHEMA)
+
+
+def test_output_settings_are_part_of_the_resume_key(tmp_path):
+    a = job(tmp_path, tmp_path / "o")
+    assert a.params_hash() != job(tmp_path, tmp_path / "o", format="webp").params_hash()
+    assert a.params_hash() != job(tmp_path, tmp_path / "o", base_seed=1).params_hash()
+    assert a.params_hash() == job(tmp_path, tmp_path / "o", limit=3).params_hash()
+
+
+def test_pools_that_do_not_fit_the_gpus_are_refused(tmp_path):
+    ok = plan_pools(job(tmp_path, tmp_path / "o"), gpus=4)  # fused layout: one whole-GPU actor per GPU
+    assert ok["sr_actors"] == ok["sr_actors_max"] == 4 and ok["sr_gpus"] == 1 and ok["semantic_actors"] == 0
+    with pytest.raises(ValueError, match="ask for"):
+        plan_pools(job(tmp_path, tmp_path / "o", resources={"sr_actors": 6}), gpus=4)
+    cpu = plan_pools(job(tmp_path, tmp_path / "o"), gpus=0)
+    assert cpu["sr_gpus"] == 0 and cpu["semantic_gpus"] == 0
+
+
+def test_local_paths_become_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    j = job("in", "out", cache_semantic="cache")
+    assert j.src == str(tmp_path / "in") and j.dst == str(tmp_path / "out") and j.cache_semantic == str(tmp_path / "cache")
+    assert job("s3://b/in", "s3://b/out").src == "s3://b/in"
+    with pytest.raises(Exception, match="extra"):
+        UpscaleJob.model_validate({"src": "a", "dst": "b", "model": get_preset("tiny").model_dump(), "bogus": 1})
+
+
+def test_storage_errors_are_classified_by_code_not_message():
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    def client_error(code, status):
+        return ClientError({"Error": {"Code": code, "Message": "x"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+    def wrapped(err):  # what s3fs raises: an OSError whose cause is the botocore error
+        try:
+            raise OSError("IMG_5003.jpg: 500 problem") from err
+        except OSError as e:
+            return e
+
+    assert error_code(wrapped(client_error("SlowDown", 503))) == "SlowDown"
+    assert error_code(client_error("", 502)) == "HTTP502" and error_code(EndpointConnectionError(endpoint_url="http://x")) == "EndpointConnectionError"
+    assert error_code(wrapped(client_error("AccessDenied", 403))) == "AccessDenied", "the key's digits are not a status"
+    assert error_code(OSError("cannot read IMG_5003.jpg: 503")) == "OSError" and error_code(FileNotFoundError("IMG_500.jpg")) == "FileNotFoundError"
+    opts = StorageConfig(max_attempts=3, retry_mode="adaptive").s3_options()
+    assert opts["config_kwargs"]["retries"] == {"mode": "adaptive", "max_attempts": 3}
+    from cluster.storage import filesystem
+
+    # s3fs's own retry loops are off: botocore's attempts are the only request retries (no stacking).
+    assert filesystem("s3://b/k", StorageConfig(body_retries=4, endpoint_url="http://127.0.0.1:9"))[0].retries == 1

@@ -1,0 +1,175 @@
+"""`ugcsr upscale` on local Ray: local folders and S3 (moto), every bad/unusual input, resume, dry run."""
+
+import io
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from tests.support.inputs import rng_image, write_inputs
+from pipelines.upscale.job import UpscaleJob
+from pipelines.upscale.manifest import SCHEMA, read_manifest
+from pipelines.upscale.run import dry_run, run_upscale
+from srmodel import get_preset
+
+
+
+
+def job(src, dst, scale=4, **kw) -> UpscaleJob:
+    model = get_preset("tiny").model_dump(mode="json")
+    model["sampler"].update(upscale=scale, steps=2, process_size=32 if scale == 1 else 64)
+    return UpscaleJob.model_validate({"src": str(src), "dst": str(dst), "model": model, **kw})
+
+
+def rows_by_name(dst) -> dict:
+    table = read_manifest(str(dst), UpscaleJob.model_fields["storage"].default)
+    return {r["src_uri"].split("/badin/")[-1]: r for r in table.to_pylist()}
+
+
+@pytest.mark.parametrize("scale", [4, 1])
+def test_every_bad_and_unusual_input_in_one_run(ray_local, tmp_path, scale):
+    expect = write_inputs(tmp_path / "badin")
+    dst = tmp_path / "out"
+    summary = run_upscale(job(tmp_path / "badin", dst, scale, max_pixels=50_000))
+    rows = rows_by_name(dst)
+    assert sorted(rows) == sorted(expect), "the manifest accounts for every input exactly once"
+    for name, (kind, value) in expect.items():
+        row = rows[name]
+        assert row["status"] == kind, (name, row)
+        if kind == "error":
+            assert row["error_type"] == value and row["stage"] == "decode" and name in row["error_message"]
+            assert row["dst_uri"] is None
+        else:
+            w, h = value
+            out = Image.open(io.BytesIO(Path(row["dst_uri"].removeprefix("file://")).read_bytes()))
+            assert out.size == (w * scale, h * scale) == (row["dst_width"], row["dst_height"]), name
+            assert row["src_width"] == w and row["src_height"] == h
+            assert row["seed"] is not None and row["prompt"].endswith("ultra-realistic")
+            # per-image prompts from the (tiny) RAM+DAPE tagger, built as released
+            assert row["tags"] is not None and row["prompt"] == f"{row['tags']}, ," + get_preset("tiny").sampler.added_prompt
+    assert "first of 3" in rows["anim.gif"]["notes"] and "alpha" in rows["rgba.png"]["notes"]
+    # odd names are sanitised and stay inside DST
+    written = [p for p in dst.rglob("*") if p.is_file() and "_manifest" not in p.parts and "_state" not in p.parts]
+    assert all(dst in p.parents for p in written)
+    assert summary["by_status"] == {"ok": 12, "error": 5}
+    assert len({r["tags"] for r in rows.values() if r["status"] == "ok"}) > 1, "tags differ between images"
+    assert summary["by_error_type"] == {"DecodeError": 5}
+    run = summary["run_id"]
+    for where in (run, "latest"):
+        assert json.loads((dst / "_runs" / where / "summary.json").read_text())["by_status"] == summary["by_status"]
+    # readable as it is, with the documented schema; _manifest/ holds only Parquet, one folder per run
+    files = [p for p in (dst / "_manifest").rglob("*") if p.is_file()]
+    assert files and all(p.suffix == ".parquet" and p.parent.name == f"run={run}" for p in files)
+    assert pq.read_table(files[0]).schema.equals(SCHEMA)
+    import pyarrow.dataset as pads
+
+    assert pads.dataset(dst / "_manifest", partitioning="hive").to_table().num_rows == 17
+
+
+def test_resume_skips_done_and_retries_the_rest(ray_local, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for k in range(4):
+        rng_image(12 + k, 10, k).save(src / f"img{k}.png")
+    (src / "broken.png").write_bytes(b"nope")
+    dst = tmp_path / "out"
+    first = run_upscale(job(src, dst, cache_semantic=str(tmp_path / "sem")))
+    assert first["by_status"] == {"ok": 4, "error": 1}
+    assert len(list((tmp_path / "sem").rglob("*.npz"))) == 4
+    before = {p.name: p.stat().st_mtime_ns for p in dst.glob("*.png")}
+
+    second = run_upscale(job(src, dst, relist=False))  # local folders relist by default; reuse asked here
+    assert second["by_status"] == {"skipped": 4, "error": 1}  # the failed one is retried, the rest skipped
+    assert second["listing_reused"] is True
+    assert {p.name: p.stat().st_mtime_ns for p in dst.glob("*.png")} == before
+
+    changed = run_upscale(job(src, dst, **{}) .model_copy(update={"model": job(src, dst).model.model_copy(
+        update={"sampler": job(src, dst).model.sampler.model_copy(update={"guidance_scale": 3.0})})}))
+    assert changed["by_status"] == {"ok": 4, "error": 1}, "a pixel-affecting change reprocesses"
+    table = read_manifest(str(dst), UpscaleJob.model_fields["storage"].default).to_pylist()
+    for params in {r["params_hash"] for r in table}:
+        oks = [r["image_id"] for r in table if r["params_hash"] == params and r["status"] == "ok"]
+        assert len(oks) == len(set(oks)), "never two ok rows for one image and setting"
+    # One summary per run, and a latest one: the resume runs did not overwrite the first run's statistics.
+    runs = {p.parent.name: json.loads(p.read_text()) for p in (dst / "_runs").glob("*/summary.json")}
+    assert set(runs) == {first["run_id"], second["run_id"], changed["run_id"], "latest"}
+    assert runs[first["run_id"]]["by_status"] == {"ok": 4, "error": 1} and runs["latest"] == runs[changed["run_id"]]
+    _every_reader_opens_the_manifest_folder(dst / "_manifest", rows=len(table))
+
+
+def _every_reader_opens_the_manifest_folder(folder, rows: int) -> None:
+    """`DST/_manifest/` holds only Parquet in hive `run=<id>/` folders: each reader opens it as one table."""
+    import duckdb
+    import pandas as pd
+    import pyarrow.dataset as pads
+    import ray
+
+    assert {p.suffix for p in folder.rglob("*") if p.is_file()} == {".parquet"}
+    assert pq.read_table(folder).num_rows == rows
+    by_run = pads.dataset(folder, format="parquet", partitioning="hive").to_table()
+    assert by_run.num_rows == rows and len(set(by_run.column("run").to_pylist())) == 3
+    assert len(pd.read_parquet(folder)) == rows
+    query = f"select count(*), count(distinct run) from read_parquet('{folder}/**/*.parquet', hive_partitioning = true)"
+    assert duckdb.connect().execute(query).fetchall() == [(rows, 3)]
+    assert ray.data.read_parquet(str(folder)).count() == rows
+
+
+def test_progress_moves_per_batch_not_per_manifest_part(ray_local, tmp_path):
+    """Parts are sized for readers (one part here); the progress hook still hears of every write batch."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for k in range(6):
+        rng_image(12, 10, k).save(src / f"{k}.png")
+    (src / "broken.png").write_bytes(b"nope")
+    calls = []
+    summary = run_upscale(job(src, tmp_path / "out", scale=1, manifest_rows_per_file=1024,
+                              resources={"sr_batch": 1, "io_batch": 1}),
+                          on_progress=lambda done, errors, total: calls.append((done, errors, total)))
+    assert summary["manifest_parts"] == 1 and summary["by_status"] == {"ok": 6, "error": 1}
+    assert calls[-1] == (7, 1, 7), "the last call gives the exact figures"
+    assert any(0 < done < 7 for done, _, _ in calls), f"progress before the end: {calls}"
+    assert [d for d, _, _ in calls] == sorted(d for d, _, _ in calls), "never backwards"
+
+
+@pytest.mark.slow  # plans in Ray tasks
+def test_dry_run_loads_no_model(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    for k in range(3):
+        rng_image(8, 8, k).save(src / f"{k}.png")
+    import srmodel.stages
+
+    monkeypatch.setattr(srmodel.stages, "load_upscaler", lambda *a, **k: pytest.fail("dry run loaded a model"))
+    plan = dry_run(job(src, tmp_path / "out", limit=2))
+    assert plan["images"] == 2 and plan["to_process"] == 2 and plan["to_skip"] == 0
+    assert plan["pools"]["sr_actors"] >= 1
+    assert not (tmp_path / "out").exists(), "a dry run writes nothing"
+
+
+def test_s3_source_and_destination(ray_local, tmp_path, s3, s3_endpoint):
+    s3.create_bucket(Bucket="src")
+    s3.create_bucket(Bucket="dst")
+    for k in range(3):
+        buf = io.BytesIO()
+        rng_image(10 + k, 8, k).save(buf, "PNG")
+        s3.put_object(Bucket="src", Key=f"photos/a/{k}.png", Body=buf.getvalue())
+    s3.put_object(Bucket="src", Key="photos/a/bad.jpg", Body=b"")
+    storage = {"endpoint_url": s3_endpoint}
+    summary = run_upscale(job("s3://src/photos", "s3://dst/out", storage=storage))
+    assert summary["by_status"] == {"ok": 3, "error": 1}
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="dst", Prefix="out/")["Contents"])
+    assert [k for k in keys if k.endswith(".png")] == ["out/a/0.png", "out/a/1.png", "out/a/2.png"]
+    assert any(k.startswith(f"out/_manifest/run={summary['run_id']}/part-") for k in keys)
+    assert "out/_runs/latest/summary.json" in keys and not [k for k in keys if "_manifest" in k and not k.endswith(".parquet")]
+    img = Image.open(io.BytesIO(s3.get_object(Bucket="dst", Key="out/a/2.png")["Body"].read()))
+    assert img.size == (48, 32)
+    # a URI list with an object deleted after listing: an error row, the job goes on
+    s3.put_object(Bucket="src", Key="list.txt", Body=b"s3://src/photos/a/0.png\ns3://src/photos/a/gone.png\n")
+    summary = run_upscale(job("s3://src/list.txt", "s3://dst/out2", storage=storage))
+    assert summary["by_status"] == {"ok": 1, "error": 1}
+    table = read_manifest("s3://dst/out2", UpscaleJob.model_fields["storage"].default.model_copy(update=storage))
+    bad = [r for r in table.to_pylist() if r["status"] == "error"][0]
+    assert bad["stage"] == "read" and "gone.png" in bad["error_message"]
+    assert "testing" not in json.dumps(table.to_pylist(), default=str), "no credentials in the manifest"

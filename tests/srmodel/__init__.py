@@ -1,0 +1,1 @@
+"""Tests of the model (srmodel/): no Ray, tiny models."""
