@@ -1,13 +1,15 @@
 """A faulty HTTP proxy on 127.0.0.1 in front of the S3 test server: 503s, dropped connections, cut bodies, delays.
 
-Every request is forwarded unchanged except every few of each kind (reads,
-writes, listings, HEADs), which get a fault; counts per (fault, kind) tell the
-test what was exercised.
+Two ways to pick the faulted requests: every few of each kind (reads, writes,
+listings, HEADs), a fixed pattern; or at random (`rate`, `seed`), at most
+`max_per_request` faults per method+path so that a client that retries always gets
+through. Counts per (fault, kind) tell the test what was exercised.
 """
 
 from __future__ import annotations
 
 import http.client
+import random
 import threading
 import time
 from collections import Counter
@@ -16,6 +18,8 @@ from urllib.parse import urlparse
 
 SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
              b"<Message>Please reduce your request rate.</Message></Error>")
+INTERNAL = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</Code>'
+            b"<Message>We encountered an internal error. Please try again.</Message></Error>")
 
 
 def kind_of(method: str, path: str) -> str:
@@ -27,10 +31,14 @@ def kind_of(method: str, path: str) -> str:
 
 
 class FaultyProxy:
-    def __init__(self, upstream: str, *, every: int = 5, delay_s: float = 0.4):
+    def __init__(self, upstream: str, *, every: int = 5, delay_s: float = 0.4, rate: float | None = None,
+                 seed: int = 0, max_per_request: int = 2):
         self.upstream = urlparse(upstream)
         self.lock = threading.Lock()
         self.every, self.delay_s = every, delay_s
+        self.rate, self.rng, self.max_per_request = rate, random.Random(seed), max_per_request
+        self.faulted: Counter = Counter()  # faults so far per (method, path), random mode
+        self.where: list[tuple[str, str]] = []  # the faulted requests, random mode
         self.counts: Counter = Counter()
         self.enabled = True
         proxy = self
@@ -57,13 +65,15 @@ class FaultyProxy:
             def _handle(self):
                 body = self._body()
                 kind = kind_of(self.command, self.path)
-                fault = proxy.draw(kind)
-                if fault == "503":
-                    self.send_response(503)
+                fault = proxy.draw(kind, self.command, self.path)
+                if fault in ("503", "500"):
+                    answer = SLOW_DOWN if fault == "503" else INTERNAL
+                    self.send_response(int(fault))
                     self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(SLOW_DOWN)))
+                    self.send_header("Content-Length", str(len(answer)))
                     self.end_headers()
-                    self.wfile.write(SLOW_DOWN)
+                    if self.command != "HEAD":
+                        self.wfile.write(answer)
                     return
                 if fault == "drop":  # the connection dies before any answer
                     self.close_connection = True
@@ -101,16 +111,29 @@ class FaultyProxy:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def draw(self, kind: str) -> str | None:
-        """Every `every`-th request of each kind gets a fault, cycling through the fault types.
+    def draw(self, kind: str, method: str = "", path: str = "") -> str | None:
+        """The fault for this request, or None.
 
-        Deterministic (whatever the thread timing), and a retried request is never faulted twice
-        in a row, so a run must succeed through the client's own retries alone.
+        Fixed pattern (no `rate`): every `every`-th request of each kind, cycling through the fault
+        types; deterministic whatever the thread timing, and a retried request is never faulted twice
+        in a row. Random (`rate`): each request with probability `rate`, the type drawn too, at most
+        `max_per_request` per method+path. Either way a run must succeed through the client's retries.
         """
         with self.lock:
             n = self.counts[("requests", kind)]
             self.counts[("requests", kind)] += 1
-            if not self.enabled or n % self.every != self.every // 2:
+            if not self.enabled:
+                return None
+            if self.rate is not None:
+                if self.faulted[(method, path)] >= self.max_per_request or self.rng.random() >= self.rate:
+                    return None
+                self.faulted[(method, path)] += 1
+                self.where.append((method, path))
+                name = self.rng.choice(("503", "500", "drop", "delay", "cut") if kind == "read"
+                                       else ("503", "500", "drop", "delay"))
+                self.counts[(name, kind)] += 1
+                return name
+            if n % self.every != self.every // 2:
                 return None
             cycle = ("503", "drop", "cut", "delay") if kind == "read" else ("503", "drop", "delay")
             name = cycle[(n // self.every) % len(cycle)]
