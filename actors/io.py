@@ -6,6 +6,8 @@ only what reading, decoding and writing need, not torch or diffusers.
 
 from __future__ import annotations
 
+from cluster.lease import check_lease
+
 from .decode import DecodeStage, sort_by_working_size
 from .guard import guarded_call
 from .progress import report
@@ -24,6 +26,8 @@ def read_decode(batch: dict, storage: dict, max_pixels: int, fetch_threads: int 
 
 
 def write(batch: dict, dst: str, fmt: str, quality: int, storage: dict, journal=None, max_crashes: int = 1,
-          progress=None) -> dict:
+          progress=None, fence: dict | None = None) -> dict:
+    if fence:  # a run that lost the DST lease writes nothing more (the task fails; so does the run)
+        check_lease(dst, storage, **fence)
     out = guarded_call(WriteStage(dst, fmt, quality, storage), batch, "encode", journal, max_crashes)
     return report(progress, out)

@@ -120,6 +120,10 @@ class UpscaleJob(BaseModel):
     plan_buckets: int | None = Field(None, ge=1, description="hash buckets of the listing and resume anti-join; "
                                      "default: one per 250k rows of a Parquet list, 8 for folders")
     plan_tasks: int | None = Field(None, ge=1, description="parallel listing tasks; default: from the cluster's CPUs")
+    execution_images: int = Field(
+        1_000_000, ge=1, description="images per Ray Data execution: a run is a loop of executions over groups of "
+        "todo shards (one lease, run id and summary), because Ray Data keeps a record per output block on the "
+        "driver for an execution's lifetime; a shard is never split, so a group holds at least one")
 
 
 def load_yaml(path: str | Path) -> dict:

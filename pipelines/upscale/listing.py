@@ -219,6 +219,19 @@ def write_parquet_uri(uri: str, table: pa.Table, storage: StorageConfig) -> None
     write_bytes_atomic(uri, buf.getvalue(), storage)
 
 
+def read_todo(batch: dict, *, storage: dict, rows_per_block: int):
+    """A Ray Data task: the todo shards named in `batch["uri"]`, yielded in blocks of `rows_per_block` rows.
+
+    Read here with the store's own retries (read_parquet_uri re-fetches a body cut mid-stream), not by
+    ray.data.read_parquet: that lists and samples the shards on the driver through s3fs, where one faulty
+    response ended a run (`no files found under [...]`, or a cut body while inferring the schema).
+    """
+    cfg = StorageConfig.model_validate(storage)
+    for uri in batch["uri"]:
+        for chunk in read_parquet_uri(str(uri), cfg).to_batches(max_chunksize=rows_per_block):
+            yield pa.Table.from_batches([chunk])
+
+
 def plan_bucket(k: int, spec: dict, n_list: int, *tables: pa.Table) -> dict:
     """Bucket k: its listing (from the list tasks or the cached part), minus the done image_ids."""
     storage = StorageConfig.model_validate(spec["storage"])

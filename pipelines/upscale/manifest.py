@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from cluster.lease import check_lease
 from cluster.storage import StorageConfig, filesystem, is_local, join, uri_of, write_bytes_atomic
 
 STAGES = ("decode", "semantic", "sr", "encode")
@@ -130,11 +131,14 @@ def part_name(image_ids) -> str:
 
 
 def write_part(batch: dict, *, dst: str, run_id: str, storage: dict, params_hash: str, model_id: str,
-               node_id: str) -> dict:
+               node_id: str, fence: dict | None = None) -> dict:
     """The manifest sink (a Ray Data task): writes the batch's rows as one Parquet part, returns ONE small row.
 
-    The driver iterates these count rows with O(1) memory; the rows themselves never reach it.
+    The driver iterates these count rows with O(1) memory; the rows themselves never reach it. With
+    `fence` (the DST lease's id and ttl), nothing is written once this run lost the lease.
     """
+    if fence:
+        check_lease(dst, storage, **fence)
     rows = rows_from_batch(batch, params_hash=params_hash, model_id=model_id, node_id=node_id)
     name = part_name(r["image_id"] for r in rows)
     buf = io.BytesIO()

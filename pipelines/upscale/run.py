@@ -20,7 +20,7 @@ import threading
 import time
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from actors import io
@@ -30,7 +30,7 @@ from actors.progress import ProgressCounter
 from actors.semantic import SemanticStage
 from actors.sr import SRStage
 from cluster import ray_runtime
-from cluster.lease import DstLease
+from cluster.lease import DstLease, LeaseLost, check_lease
 from cluster.storage import StorageConfig, filesystem, is_remote, join
 from cluster.weights import check_uris
 from srmodel.stages import resolve
@@ -53,6 +53,7 @@ class Plan:
     skipped: int
     listing_cached: bool
     todo_uris: list = field(default_factory=list)  # the todo shards (one per non-empty bucket)
+    todo_counts: list = field(default_factory=list)  # images in each todo shard
     sample: list = field(default_factory=list)
     buckets: int = 0
     run_id: str = ""
@@ -117,12 +118,13 @@ def make_plan(job: UpscaleJob, *, write: bool = True, run_id: str | None = None)
         mine = [r[k] for r in list_refs]
         refs.append(planner.remote(k, spec, len(mine), *mine, *[r[k] for r in done_refs]))
     listed = to_do = 0
-    todo_uris, sample = [], []
+    todo_uris, todo_counts, sample = [], [], []
     for out in ray.get(refs):  # B small dicts
         listed += out["listed"]
         to_do += out["todo"]
         if out["todo_uri"]:
             todo_uris.append(out["todo_uri"])
+            todo_counts.append(out["todo"])
         sample += out["sample"][: max(0, 5 - len(sample))]
     if not listed:
         raise FileNotFoundError(f"SRC {job.src} holds no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}); "
@@ -134,7 +136,25 @@ def make_plan(job: UpscaleJob, *, write: bool = True, run_id: str | None = None)
     if job.limit:  # at most N to process this run: re-running with the same limit moves on
         to_do = min(to_do, job.limit)
     return Plan(total=to_do + skipped, to_process=to_do, skipped=skipped, listing_cached=cached,
-                todo_uris=todo_uris, sample=sample, buckets=buckets, run_id=run_id, listed_at=listed_at)
+                todo_uris=todo_uris, todo_counts=todo_counts, sample=sample, buckets=buckets, run_id=run_id, listed_at=listed_at)
+
+
+def executions(plan: Plan, per_execution: int) -> list[Plan]:
+    """The plan cut into groups of whole todo shards of at most `per_execution` images (at least one shard
+    each), each group's `to_process` capped so that all of them together do `plan.to_process` (--limit)."""
+    groups: list[tuple[list, list]] = []
+    for uri, n in zip(plan.todo_uris, plan.todo_counts):
+        if not groups or (groups[-1][1] and sum(groups[-1][1]) + n > per_execution):
+            groups.append(([], []))
+        groups[-1][0].append(uri)
+        groups[-1][1].append(n)
+    out, left = [], plan.to_process
+    for uris, counts in groups:
+        if left <= 0:
+            break
+        out.append(replace(plan, todo_uris=uris, todo_counts=counts, to_process=min(sum(counts), left)))
+        left -= out[-1].to_process
+    return out
 
 
 def _remove(uri: str, storage: StorageConfig) -> None:
@@ -164,33 +184,32 @@ def io_sizes(job: UpscaleJob, pools: dict, todo: int | None = None) -> tuple[int
     return reads, writes
 
 
-def build_dataset(job: UpscaleJob, plan: Plan, pools: dict, journal=None, progress=None):
+def build_dataset(job: UpscaleJob, plan: Plan, pools: dict, journal=None, progress=None, fence: dict | None = None):
     with warnings.catch_warnings():
         # Ray 2.60 has no named parameter for retry bounds; its catch-all **ray_remote_args warns (removal in 2.64).
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        return _build_dataset(job, plan, pools, journal, progress)
+        return _build_dataset(job, plan, pools, journal, progress, fence)
 
 
-def _build_dataset(job: UpscaleJob, plan: Plan, pools: dict, journal=None, progress=None):
+def _build_dataset(job: UpscaleJob, plan: Plan, pools: dict, journal=None, progress=None, fence: dict | None = None):
     import ray.data
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     r, rt = job.resources, job.retries
     model = job.model.model_dump(mode="json")
     storage = job.storage.model_dump(mode="json")
-    fs, _ = filesystem(plan.todo_uris[0], job.storage)
-    fs.invalidate_cache()  # s3fs may have cached a listing of _state/ from before the shards were written
-    paths = [filesystem(u, job.storage)[1] for u in plan.todo_uris]
-    ds = ray.data.read_parquet(paths, filesystem=fs if is_remote(plan.todo_uris[0]) else None,
-                               ray_remote_args={"max_retries": rt.task_max_retries})
-    if job.limit:
-        ds = ds.limit(plan.to_process)
-    # A todo shard is one block of up to ~250k small rows: split it (streaming) so read tasks run in parallel.
-    ds = ds.repartition(target_num_rows_per_block=r.io_batch)
-    reads, writes = io_sizes(job, pools, plan.to_process)
     guard = {"journal": journal, "max_crashes": rt.max_crashes_per_image}
     # Bounded (Ray Data's defaults are -1: a crashing input would be retried forever).
     task_retry = {"max_retries": rt.task_max_retries}
+    reads, writes = io_sizes(job, pools, plan.to_process)
+    # One row per todo shard; each task streams its shard's rows out in blocks of io_batch (a shard holds up
+    # to ~250k small rows), so the read tasks downstream run in parallel.
+    ds = ray.data.from_items([{"uri": u} for u in plan.todo_uris], override_num_blocks=len(plan.todo_uris))
+    ds = ds.map_batches(L.read_todo, fn_kwargs={"storage": storage, "rows_per_block": r.io_batch}, batch_size=1,
+                        num_cpus=0.25, compute=TaskPoolStrategy(size=max(1, min(reads, len(plan.todo_uris)))),
+                        **task_retry)
+    if job.limit:
+        ds = ds.limit(plan.to_process)
     actor_retry = {"max_restarts": rt.actor_max_restarts, "max_task_retries": rt.actor_max_task_retries}
     # Host memory is reserved for the full-size models on GPUs; the tiny preset (tests, trials on logical GPUs) needs none.
     full = pools["sr_gpus"] > 0 and job.model.name != "tiny"
@@ -224,11 +243,11 @@ def _build_dataset(job: UpscaleJob, plan: Plan, pools: dict, journal=None, progr
                             batch_size=r.sr_batch, compute=sr_pool, num_gpus=pools["sr_gpus"], num_cpus=pools["sr_cpus"],
                             **({"memory": sr_mem * 2**30} if sr_mem else {}), **actor_retry)
     ds = ds.map_batches(io.write, fn_kwargs={"dst": job.dst, "fmt": job.format, "quality": job.quality,
-                                             "storage": storage, "progress": progress, **guard},
+                                             "storage": storage, "progress": progress, "fence": fence, **guard},
                         batch_size=r.sr_batch, num_cpus=r.encode_cpus, compute=TaskPoolStrategy(size=writes),
                         **task_retry)
     meta = dict(dst=job.dst, run_id=plan.run_id, storage=storage, params_hash=job.params_hash(),
-                model_id=_model_id(job), node_id=socket.gethostname())
+                model_id=_model_id(job), node_id=socket.gethostname(), fence=fence)
     sinks = max(1, min(2, math.ceil(plan.to_process / job.manifest_rows_per_file)))
     ds = ds.map_batches(write_part, fn_kwargs=meta, batch_size=job.manifest_rows_per_file, num_cpus=0.25,
                         compute=TaskPoolStrategy(size=sinks), **task_retry)
@@ -239,7 +258,7 @@ class Tally:
     """Running counts from the sink's count rows: the driver keeps no per-image state."""
 
     def __init__(self):
-        self.rows = self.ok = self.parts = 0
+        self.rows = self.ok = self.parts = self.executions = 0
         self.errors: Counter = Counter()
         self.stage_ms = {s: [0.0, 0] for s in STAGES}
 
@@ -274,6 +293,7 @@ def summarize(tally: Tally, plan: Plan, wall: float, job: UpscaleJob, state: str
         "unaccounted": max(0, plan.to_process - tally.rows),
         "manifest": run_dir(job.dst, plan.run_id),
         "manifest_parts": tally.parts,
+        "executions": tally.executions,
         "wall_s": round(wall, 3),
         "images_per_s": round(tally.rows / wall, 4) if wall > 0 else None,
         "stages": per_stage,
@@ -293,11 +313,11 @@ def run_upscale(job: UpscaleJob, *, on_plan=None, on_progress: ProgressFn | None
     """
     check_source(job)  # missing weights fail here, not inside every actor
     check_paths(job)  # so do a missing SRC and an unusable DST, before any cluster is started
-    with DstLease(job.dst, job.storage):  # one writer per DST: a second run fails naming this one
-        return _run_leased(job, on_plan=on_plan, on_progress=on_progress, num_cpus=num_cpus)
+    with DstLease(job.dst, job.storage) as lease:  # one writer per DST: a second run fails naming this one
+        return _run_leased(job, lease, on_plan=on_plan, on_progress=on_progress, num_cpus=num_cpus)
 
 
-def _run_leased(job: UpscaleJob, *, on_plan=None, on_progress: ProgressFn | None = None,
+def _run_leased(job: UpscaleJob, lease: DstLease, *, on_plan=None, on_progress: ProgressFn | None = None,
                 num_cpus: int | None = None) -> dict:
     import ray
 
@@ -330,19 +350,15 @@ def _run_leased(job: UpscaleJob, *, on_plan=None, on_progress: ProgressFn | None
             helpers = [journal, counter]
             if on_progress:
                 poller = _ProgressPoller(counter, tally, plan.to_process, on_progress)
-            ds = build_dataset(job, plan, plan.pools, journal, counter)
-            batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0))
-            try:
-                for batch in batches:
-                    for rec in batch.to_pylist():
-                        tally.add(rec)
-                    if poller:
-                        poller.raise_error()
-                if poller:
-                    poller.raise_error()
-            finally:
-                if hasattr(batches, "close"):
-                    batches.close()  # an interrupted run stops its executor and releases its actors
+            # Bounded executions: Ray Data keeps per-block records on the driver until an execution ends.
+            # Each group starts its own actor pools (one model load per actor per group of ~10^6 images).
+            groups = executions(plan, job.execution_images)
+            for k, part in enumerate(groups):
+                if len(groups) > 1:
+                    log.info("ugcsr: execution %d/%d: %d image(s) in %d todo shard(s)", k + 1, len(groups),
+                             part.to_process, len(part.todo_uris))
+                _execute(build_dataset(job, part, plan.pools, journal, counter, lease.fence), tally, poller, lease)
+                tally.executions += 1
         state = "finished"
     finally:
         if poller is not None:
@@ -351,11 +367,55 @@ def _run_leased(job: UpscaleJob, *, on_plan=None, on_progress: ProgressFn | None
             on_progress(tally.rows, tally.rows - tally.ok, plan.to_process)
         # A summary even for a failed or interrupted run: what was written is in the manifest.
         summary = summarize(tally, plan, time.perf_counter() - started, job, state)
-        write_summary(job.dst, plan.run_id, summary, job.storage)
-        _remove(join(job.dst, "_state", "todo", plan.run_id), job.storage)
+        if not lease.lost:  # a run that lost the lease writes nothing more into DST
+            write_summary(job.dst, plan.run_id, summary, job.storage)
+            _remove(join(job.dst, "_state", "todo", plan.run_id), job.storage)
         for actor in helpers:
             ray.kill(actor)
     return summary
+
+
+def _execute(ds, tally: Tally, poller, lease: DstLease) -> None:
+    """Stream one execution to its end, adding what the write stage reports to the tally.
+
+    A lost lease ends it (LeaseLost): every writer task checks before it writes, the driver between batches
+    and once the execution ends (Ray Data passes over up to `max_errored_blocks` failed blocks silently).
+    """
+    lost = LeaseLost(f"DST {lease.dst}: this run lost its DST lease ({lease.uri}); it stopped writing. "
+                     "Run again to resume once the other run ended")
+    batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0))
+    try:
+        for batch in batches:
+            for rec in batch.to_pylist():
+                tally.add(rec)
+            if poller:
+                poller.raise_error()
+            lease.check()
+        if poller:
+            poller.raise_error()
+        if _lost(lease):
+            raise lost
+    except LeaseLost:
+        raise
+    except Exception as err:
+        if _lost(lease):  # a writer refused to write: say why, without Ray's wrapping
+            raise lost from err
+        raise
+    finally:
+        if hasattr(batches, "close"):
+            batches.close()  # an interrupted run stops its executor and releases its actors
+
+
+def _lost(lease: DstLease) -> bool:
+    try:
+        lease.check()
+        check_lease(lease.dst, lease.storage, **lease.fence)
+    except LeaseLost:
+        lease.lost = True
+        return True
+    except Exception:  # noqa: BLE001 - the store cannot say: the run's own error stands
+        return False
+    return False
 
 
 class _ProgressPoller:

@@ -11,7 +11,7 @@ from tests.support.inputs import rng_image
 
 from actors.staging import stage_source
 from cluster import jobs, ray_runtime, weights
-from cluster.lease import DstLease, LeaseHeld
+from cluster.lease import DstLease, LeaseHeld, LeaseLost, check_lease
 from cluster.ray_runtime import NodeShape
 from cluster.storage import StorageConfig
 from tests.support.cluster_helpers import upload_folder
@@ -112,10 +112,10 @@ def _lease_roundtrip(dst, storage):
     with DstLease(dst, storage, owner="bob") as second:  # free again after release
         assert second.token
     # A run that died: its lease is not renewed and expires; the next run takes it over conditionally.
-    dead = DstLease(dst, storage, ttl_s=0.5, owner="dead run")
+    dead = DstLease(dst, storage, ttl_s=1.0, owner="dead run")
     dead.acquire()
     dead._stop.set()
-    time.sleep(0.7)
+    time.sleep(2.2)  # past its ttl by the store's clock (S3 dates are whole seconds)
     heir = DstLease(dst, storage, owner="heir")
     heir.acquire()
     dead.renew()
@@ -124,6 +124,65 @@ def _lease_roundtrip(dst, storage):
     with pytest.raises(LeaseHeld, match="heir"):
         DstLease(dst, storage, owner="third").acquire()
     heir.release()
+
+
+def test_a_run_that_lost_the_lease_is_fenced(tmp_path, monkeypatch):
+    """Taken over, or not renewed for ttl minus a margin: the driver's check and every writer's refuse."""
+    dst, storage = str(tmp_path / "dst"), StorageConfig()
+    mine = DstLease(dst, storage, owner="first run")
+    mine.acquire()
+    mine._stop.set()  # renewals by hand below
+    check_lease(dst, storage, **mine.fence)  # still ours: writers go on
+    mine.check()
+    lease_file = tmp_path / "dst/_state/lease.json"
+    record = json.loads(lease_file.read_text())
+    lease_file.write_text(json.dumps({**record, "owner": "second run", "run_id": "other"}))  # taken over
+    with pytest.raises(LeaseLost, match="second run"):
+        check_lease(dst, storage, **mine.fence)
+    mine.renew()
+    with pytest.raises(LeaseLost):
+        mine.check()
+    mine.release()
+    assert json.loads(lease_file.read_text())["owner"] == "second run", "the loser deletes nothing"
+    lease_file.unlink()
+    # Renewals failing (the store unreachable) for 3/4 of the ttl: the run stops itself.
+    stuck = DstLease(dst, storage, ttl_s=120, owner="stuck run")
+    stuck.acquire()
+    stuck._stop.set()
+    stuck.check()
+    monkeypatch.setattr(stuck, "renewed_at", stuck.renewed_at - 91)
+    with pytest.raises(LeaseLost, match="not renewed in time"):
+        stuck.check()
+    # A writer sees a lease unrenewed past its ttl by the store's clock (the file's mtime) as lost too.
+    old = time.time() - 200
+    os.utime(lease_file, (old, old))
+    with pytest.raises(LeaseLost, match="not renewed for 20[0-9] s"):
+        check_lease(dst, storage, **stuck.fence)
+    with DstLease(dst, storage, owner="next run"):  # and the next run takes it over
+        pass
+
+
+def test_lease_expiry_is_judged_by_the_stores_clock(tmp_path, s3, s3_endpoint):
+    """A holder whose clock runs 3 minutes behind still holds a fresh lease; an expiry written far in the
+    future does not block runs once the lease went unrenewed, and the message gives the full date."""
+    s3.create_bucket(Bucket="skew")
+    storage = StorageConfig(endpoint_url=s3_endpoint)
+    now = time.time()
+    behind = {"owner": "slow clock", "run_id": "r1", "acquired_at": now - 180, "expires_at": now - 60,
+              "space": "", "pid": 0, "ttl_s": 120}
+    s3.put_object(Bucket="skew", Key="dst/_state/lease.json", Body=json.dumps(behind).encode())
+    with pytest.raises(LeaseHeld, match="slow clock"):
+        DstLease("s3://skew/dst", storage, owner="me").acquire()
+    far = {**behind, "owner": "far future", "expires_at": 4102444800.0}  # 2100-01-01
+    lease_file = tmp_path / "dst/_state/lease.json"
+    lease_file.parent.mkdir(parents=True)
+    lease_file.write_text(json.dumps(far))
+    with pytest.raises(LeaseHeld, match="2100-01-01 00:00:00 UTC"):
+        DstLease(str(tmp_path / "dst"), owner="me").acquire()
+    old = time.time() - 300
+    os.utime(lease_file, (old, old))  # unrenewed for 5 minutes by the store's clock
+    with DstLease(str(tmp_path / "dst"), owner="me"):
+        pass
 
 
 def test_lease_of_a_killed_driver_on_this_machine_is_taken_over_at_once(tmp_path):

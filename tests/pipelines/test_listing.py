@@ -209,3 +209,22 @@ def test_storage_errors_are_classified_by_code_not_message():
 
     # s3fs's own retry loops are off: botocore's attempts are the only request retries (no stacking).
     assert filesystem("s3://b/k", StorageConfig(body_retries=4, endpoint_url="http://127.0.0.1:9"))[0].retries == 1
+
+
+def test_executions_are_groups_of_whole_shards_bounded_in_images_and_share_the_limit():
+    """A run is a loop of Ray Data executions over groups of todo shards (Ray Data's per-block records on the
+    driver live as long as an execution): at most N images a group unless one shard is larger; --limit spans
+    the groups."""
+    from dataclasses import replace
+
+    from pipelines.upscale.run import Plan, executions
+
+    plan = Plan(total=12, to_process=10, skipped=2, listing_cached=False, todo_uris=list("abcd"),
+                todo_counts=[4, 3, 2, 1], run_id="r")
+    assert [(g.todo_uris, g.to_process) for g in executions(plan, 5)] == [(["a"], 4), (["b", "c"], 5), (["d"], 1)]
+    assert [(g.todo_uris, g.to_process) for g in executions(plan, 10**6)] == [(list("abcd"), 10)]
+    assert [g.todo_uris for g in executions(plan, 1)] == [["a"], ["b"], ["c"], ["d"]]  # a shard is never split
+    assert all(g.run_id == "r" and g.skipped == 2 for g in executions(plan, 1))
+    limited = replace(plan, to_process=5)  # --limit 5
+    assert [(g.todo_uris, g.to_process) for g in executions(limited, 3)] == [(["a"], 4), (["b"], 1)]
+    assert executions(replace(plan, todo_uris=[], todo_counts=[], to_process=0), 5) == []

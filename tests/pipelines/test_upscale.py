@@ -173,3 +173,25 @@ def test_s3_source_and_destination(ray_local, tmp_path, s3, s3_endpoint):
     bad = [r for r in table.to_pylist() if r["status"] == "error"][0]
     assert bad["stage"] == "read" and "gone.png" in bad["error_message"]
     assert "testing" not in json.dumps(table.to_pylist(), default=str), "no credentials in the manifest"
+
+
+def test_a_run_whose_lease_is_taken_writes_nothing_more(ray_local, tmp_path):
+    """Another run takes the DST lease after planning: every writer refuses, the run fails with LeaseLost,
+    and no output, manifest part or summary of it appears; the other run's lease stays."""
+    from cluster.lease import LeaseLost
+
+    src, dst = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    for k in range(4):
+        rng_image(12, 10, k).save(src / f"{k}.png")
+    lease_file = dst / "_state" / "lease.json"
+
+    def take_over(plan):
+        record = json.loads(lease_file.read_text())
+        lease_file.write_text(json.dumps({**record, "owner": "the other run", "run_id": "someone-else"}))
+
+    with pytest.raises(LeaseLost, match="lost its DST lease"):
+        run_upscale(job(src, dst, retries={"task_max_retries": 1}), on_plan=take_over)
+    written = sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*") if p.is_file())
+    assert [p for p in written if not p.startswith("_state/")] == [], written
+    assert json.loads(lease_file.read_text())["owner"] == "the other run"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import random
+import re
 import threading
 import time
 from collections import Counter
@@ -32,13 +33,16 @@ def kind_of(method: str, path: str) -> str:
 
 class FaultyProxy:
     def __init__(self, upstream: str, *, every: int = 5, delay_s: float = 0.4, rate: float | None = None,
-                 seed: int = 0, max_per_request: int = 2):
+                 seed: int = 0, max_per_request: int = 2, targeted: tuple[tuple[str, str], ...] = ()):
         self.upstream = urlparse(upstream)
         self.lock = threading.Lock()
         self.every, self.delay_s = every, delay_s
         self.rate, self.rng, self.max_per_request = rate, random.Random(seed), max_per_request
         self.faulted: Counter = Counter()  # faults so far per (method, path), random mode
         self.where: list[tuple[str, str]] = []  # the faulted requests, random mode
+        # (regex on "METHOD /path?query", fault): the first request to each matching method+path gets the fault,
+        # whatever the thread timing (random draws land on requests in the order threads make them).
+        self.targeted = [(re.compile(pattern), fault) for pattern, fault in targeted]
         self.counts: Counter = Counter()
         self.enabled = True
         proxy = self
@@ -124,6 +128,12 @@ class FaultyProxy:
             self.counts[("requests", kind)] += 1
             if not self.enabled:
                 return None
+            for pattern, fault in self.targeted:
+                if pattern.search(f"{method} {path}") and not self.faulted[(method, path)]:
+                    self.faulted[(method, path)] += 1
+                    self.where.append((method, path))
+                    self.counts[(fault, kind)] += 1
+                    return fault
             if self.rate is not None:
                 if self.faulted[(method, path)] >= self.max_per_request or self.rng.random() >= self.rate:
                     return None
