@@ -52,6 +52,16 @@ def _save_job(job: TrainJob) -> None:
     write_bytes_atomic(uri, text.encode(), job.storage)
 
 
+def worker_resources(job: TrainJob, gpus: float, model_name: str) -> dict:
+    """Ray resources per training worker. Host memory (Ray then never packs more workers on a node than it
+    holds): the measured peak of loading the parts plus 25 % (docs/performance.md "Memory"), on GPU clusters
+    and for the full-size model only, unless `memory_gb` says otherwise."""
+    memory = job.memory_gb if job.memory_gb is not None else (
+        TRAIN_WORKER_MEMORY_GB if gpus and model_name != "tiny" else 0.0)
+    return {"CPU": job.cpus_per_worker, **({"GPU": gpus} if gpus else {}),
+            **({"memory": memory * 2**30} if memory else {})}
+
+
 def _print_progress(queue, stop: threading.Event, log) -> None:
     from ray.util.queue import Empty
 
@@ -108,12 +118,7 @@ def run_train(job: TrainJob, *, num_cpus: int | None = None, log=print) -> dict:
     queue = Queue(actor_options={"num_cpus": 0})
     loop_config = {"job": job.model_copy(update={"model": model}).model_dump(mode="json"), "val_rows": val_rows,
                    "train_rows": sum(counts), "queue": queue}
-    # Host memory per worker (Ray then never packs more workers on a node than it holds): the measured peak of
-    # loading the parts (docs/performance.md "Memory"), on GPU clusters and for the full-size model only.
-    memory = job.memory_gb if job.memory_gb is not None else (
-        TRAIN_WORKER_MEMORY_GB if gpus and model.name != "tiny" else 0.0)
-    resources = {"CPU": job.cpus_per_worker, **({"GPU": gpus} if gpus else {}),
-                 **({"memory": memory * 2**30} if memory else {})}
+    resources = worker_resources(job, gpus, model.name)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,

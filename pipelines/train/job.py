@@ -11,8 +11,10 @@ from srmodel.config import ModelConfig
 from srmodel.train.config import TrainRecipe
 
 CHECKPOINT_PREFIX = "checkpoint-"
-# Host memory reserved per training worker on GPU clusters (GiB): none until measured (bench/stage_memory.py)
-TRAIN_WORKER_MEMORY_GB = 0.0
+# Host memory reserved per training worker on GPU clusters (GiB): the measured load peak at real size (bf16
+# frozen parts, 9.73 GB = 9.06 GiB, bench/stage_memory.py; the weights pass through host memory on their way
+# to the GPU) plus 25 %, as for the upscale stages (docs/performance.md).
+TRAIN_WORKER_MEMORY_GB = 12.0
 CHECKPOINT_FILES = {"state.json", "trainable.safetensors", "optimizer.pt", "rng.pt", "metrics.parquet"}
 
 

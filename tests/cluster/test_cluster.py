@@ -377,3 +377,21 @@ def test_weights_folder_in_the_released_layout_is_accepted(released_tiny, tmp_pa
                                    "--weights", str(tmp_path / "nothing"), "--dry-run"])
     flat = "".join(res.output.replace("│", "").split())  # rich wraps the message in a box
     assert res.exit_code == 2 and "stable-diffusion-2-baseismissing" in flat
+
+
+def test_train_workers_reserve_the_measured_host_memory_on_gpu_clusters(tmp_path):
+    """The real-size worker's load peak plus 25 % (docs/performance.md) on GPUs; nothing on CPU or for tiny;
+    `memory_gb` overrides."""
+    from pipelines.train.driver import worker_resources
+    from pipelines.train.job import TRAIN_WORKER_MEMORY_GB, TrainJob
+    from srmodel.presets import get_preset
+
+    data = {"trainset": str(tmp_path / "ts"), "run": str(tmp_path / "run"), "max_steps": 2,
+            "model": get_preset("tiny").model_dump(mode="json")}
+    job = TrainJob.model_validate(data)
+    assert TRAIN_WORKER_MEMORY_GB == 12.0
+    assert worker_resources(job, 1.0, "synthetic") == {"CPU": 1.0, "GPU": 1.0, "memory": 12 * 2**30}
+    assert worker_resources(job, 0.0, "synthetic") == {"CPU": 1.0}
+    assert worker_resources(job, 1.0, "tiny") == {"CPU": 1.0, "GPU": 1.0}
+    pinned = TrainJob.model_validate({**data, "memory_gb": 20})
+    assert worker_resources(pinned, 1.0, "tiny")["memory"] == 20 * 2**30
