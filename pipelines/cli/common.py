@@ -51,12 +51,19 @@ def keep_stdout_for_results(ctx: typer.Context) -> None:
     ctx.call_on_close(restore)
 
 
-def echo_result(result: Any) -> None:
+def results_stream():
+    """Where a command's results go (stdout as it was when the command started), for streamed output."""
+    import sys
+
+    return _results or sys.stdout
+
+
+def echo_result(result: Any, *, nl: bool = True) -> None:
     """The command's result on stdout: JSON for a dict or list, a string as it is."""
     import json
 
     text = result if isinstance(result, str) else json.dumps(result, indent=2)
-    typer.echo(text, file=_results)
+    typer.echo(text, file=results_stream(), nl=nl)
 
 
 def err_console():

@@ -6,15 +6,13 @@ Registered on the main app by `register(app)`; Ray's job client is imported insi
 
 from __future__ import annotations
 
-import json
 import shutil
-import sys
 from typing import List, Optional
 
 import typer
 from rich.console import Console
 
-from pipelines.cli.common import Command
+from pipelines.cli.common import Command, echo_result, results_stream
 
 try:  # typer >= 0.2x vendors its own click: its usage errors are that module's
     from typer._click import ClickException
@@ -74,12 +72,12 @@ def submit(
                       "second writer on the same DST")
     else:
         console.print(f"submitted job {sid}")
-    print(sid)
+    echo_result(sid)
     if not wait:
         console.print(f"follow it: ugcsr jobs logs {sid} --follow; stop it: ugcsr jobs stop {sid}")
         return
     try:
-        status = jobs.follow(cl, sid)
+        status = jobs.follow(cl, sid, results_stream())
     except KeyboardInterrupt:
         console.print(f"\nstopped following; the job keeps running (ugcsr jobs stop {sid})")
         raise typer.Exit(130)
@@ -108,7 +106,7 @@ def jobs_list(address: Optional[str] = ADDRESS,
 
     rows = [j for j in _client(address).list_jobs() if all_jobs or METADATA_KEY in (j.metadata or {})]
     for j in sorted(rows, key=lambda j: j.start_time or 0):
-        print(f"{j.submission_id or j.job_id}\t{j.status.value}\t{(j.entrypoint or '')[:100]}")
+        echo_result(f"{j.submission_id or j.job_id}\t{j.status.value}\t{(j.entrypoint or '')[:100]}")
 
 
 @jobs_app.command("status", cls=Command)
@@ -119,9 +117,8 @@ def jobs_status(job_id: str = typer.Argument(..., metavar="ID"), address: Option
         info = cl.get_job_info(job_id)
     except RuntimeError as err:
         _fail(f"no job {job_id}: {err}")
-    print(json.dumps({"id": job_id, "status": info.status.value, "message": info.message,
-                      "start_time": info.start_time, "end_time": info.end_time, "entrypoint": info.entrypoint},
-                     indent=2))
+    echo_result({"id": job_id, "status": info.status.value, "message": info.message,
+                 "start_time": info.start_time, "end_time": info.end_time, "entrypoint": info.entrypoint})
     if info.status.value in ("FAILED", "STOPPED"):
         raise typer.Exit(1)
 
@@ -135,10 +132,10 @@ def jobs_logs(job_id: str = typer.Argument(..., metavar="ID"), address: Optional
     cl = _client(address)
     try:
         if follow:
-            status = jobs.follow(cl, job_id)
+            status = jobs.follow(cl, job_id, results_stream())
             console.print(f"job {job_id}: {status}")
         else:
-            sys.stdout.write(cl.get_job_logs(job_id))
+            echo_result(cl.get_job_logs(job_id), nl=False)
     except RuntimeError as err:
         _fail(f"no job {job_id}: {err}")
 

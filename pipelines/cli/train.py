@@ -90,6 +90,6 @@ def train_export(
     from pipelines.train.driver import export_run
 
     try:
-        print(export_run(run, step, StorageConfig(endpoint_url=endpoint_url)))
+        echo_result(export_run(run, step, StorageConfig(endpoint_url=endpoint_url)))
     except (OSError, ValueError) as err:
         fail(str(err), EXIT_JOB)

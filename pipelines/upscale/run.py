@@ -136,7 +136,8 @@ def make_plan(job: UpscaleJob, *, write: bool = True, run_id: str | None = None)
     if job.limit:  # at most N to process this run: re-running with the same limit moves on
         to_do = min(to_do, job.limit)
     return Plan(total=to_do + skipped, to_process=to_do, skipped=skipped, listing_cached=cached,
-                todo_uris=todo_uris, todo_counts=todo_counts, sample=sample, buckets=buckets, run_id=run_id, listed_at=listed_at)
+                todo_uris=todo_uris, todo_counts=todo_counts, sample=sample, buckets=buckets, run_id=run_id,
+                listed_at=listed_at)
 
 
 def executions(plan: Plan, per_execution: int) -> list[Plan]:
