@@ -46,8 +46,17 @@ def place(requests: list[tuple[float, float]], wait_s: float = 300, until: float
 
     total = ray.cluster_resources()["GPU"]
     asked = round(sum(g for g, _ in requests), 4)
-    actors = [Slot.options(num_gpus=g, num_cpus=c).remote() for g, c in requests]
     deadline = time.time() + wait_s
+    actors, expect = [], 0.0
+    for g, c in requests:
+        # One at a time, each placed before the next is asked for: Ray packs a fractional GPU actor onto the
+        # fullest GPU that fits in the order requests reach it, and requests sent back to back on a busy
+        # machine can reach it in another order (seen once in CI).
+        actors.append(Slot.options(num_gpus=g, num_cpus=c).remote())
+        expect = round(expect + g, 4)
+        wait_one = min(deadline, time.time() + 15)
+        while time.time() < wait_one and round(total - ray.available_resources().get("GPU", 0.0), 4) < expect:
+            time.sleep(0.2)
     granted = 0.0
     while time.time() < deadline:
         granted = round(total - ray.available_resources().get("GPU", 0.0), 4)
