@@ -49,8 +49,10 @@ SEEDS = (1, 2, 3)
 # On top of the random draws, whatever the thread timing: the first GET of every todo shard is cut mid-body
 # (a run once died there: ray.data.read_parquet read the shards through s3fs, without body retries), so is
 # the first read of the lease by each writer's fence check, and the first PUT of each manifest part fails.
+# The coverage below rests on these (random draws miss some kind in some runs), not on luck.
 TARGETED = ((r"^GET /dst\d/out/_state/todo/.+\.parquet$", "cut"), (r"^GET /dst\d/out/_state/lease\.json$", "cut"),
-            (r"^PUT /dst\d/out/_manifest/", "500"))
+            (r"^PUT /dst\d/out/_manifest/", "500"), (r"^PUT /dst\d/out/_state/todo/", "drop"),
+            (r"^GET /src\d\?list-type", "503"), (r"^GET /src\d/in/0/IMG_", "cut"), (r"^HEAD /dst\d/out/_manifest$", "500"))
 
 
 def test_random_faults_on_every_storage_call(ray_local, s3, s3_endpoint):
