@@ -282,3 +282,12 @@ def test_upscale_run_as_a_new_user_sees_it(tmp_path, tiny_cache):
     assert len({r["timings_ms"]["sr"] for r in ok}) == 3 and all(r["timings_ms"]["sr"] > 0 for r in ok)
     w = {Path(r["src_uri"]).name: r["timings_ms"]["sr"] / (r["dst_width"] * r["dst_height"]) for r in ok}
     assert max(w.values()) == pytest.approx(min(w.values()), rel=1e-6)
+
+
+def test_execution_images_below_one_is_a_settings_error_naming_the_file(tmp_path):
+    (tmp_path / "src").mkdir()
+    config = tmp_path / "job.yaml"
+    config.write_text("execution_images: 0\n")
+    out = invoke("upscale", tmp_path / "src", tmp_path / "out", "--config", config, "--dry-run")
+    assert out.exit_code == 2, out.output
+    assert f"execution_images (in --config {config})" in out.stderr and "greater than or equal to 1" in out.stderr
