@@ -16,10 +16,10 @@ from .write import WriteStage
 
 
 def read_decode(batch: dict, storage: dict, max_pixels: int, fetch_threads: int = 8, group: dict | None = None,
-                journal=None, max_crashes: int = 1) -> dict:
-    """Fetch (concurrently) and decode; rows leave sorted by working size when `group` gives the SR geometry,
-    so the SR stage's consecutive batches hold images of one padded size (full denoising batches)."""
-    read = ReadStage(storage, threads=fetch_threads)
+                journal=None, max_crashes: int = 1, policy: dict | None = None, max_bytes: int | None = None) -> dict:
+    """Fetch (concurrently, only URIs `policy` allows) and decode; rows leave sorted by working size when `group`
+    gives the SR geometry, so the SR stage's consecutive batches hold images of one padded size (full batches)."""
+    read = ReadStage(storage, threads=fetch_threads, policy=policy, max_bytes=max_bytes)
     decode = DecodeStage(max_pixels)
     out = guarded_call(lambda b: decode(read(b)), batch, "decode", journal, max_crashes)
     return sort_by_working_size(out, **group) if group else out

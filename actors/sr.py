@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import socket
+import time
 
 import numpy as np
 import torch
 
 from srmodel.config import ModelConfig
+from srmodel.errors import TimeBudgetExceeded
 from srmodel.stages import load_upscaler, resolve
 from srmodel.sampling.memory_model import resolve_max_batch
 from srmodel.sampling.seeds import seed_for
@@ -35,8 +37,9 @@ class SRStage:
 
     def __init__(self, config: dict | ModelConfig, device: str | None = None, base_seed: int = 0,
                  cpu_threads: int | None = None, max_output_pixels: int | None = None, storage: dict | None = None,
-                 gpu_share: float = 1.0, fused_semantic: bool = False):
+                 gpu_share: float = 1.0, fused_semantic: bool = False, time_budget_s: float | None = None):
         self.max_output_pixels = max_output_pixels
+        self.time_budget_s = time_budget_s  # per image: past it the image gets an error row, the GPU moves on
         # Weights given as s3:// (any fsspec URI) are staged once per node before loading.
         config = staged_model(resolve(ModelConfig.model_validate(config)), storage)
         self.device = pick_device(device)
@@ -46,6 +49,9 @@ class SRStage:
         self.config = config.model_copy(update={"tiling": config.tiling.model_copy(update={"max_batch": rows})})
         self.upscaler = load_upscaler(self.config, self.device)
         self.base_seed = base_seed
+
+    def _deadline(self, images: int) -> float | None:
+        return time.monotonic() + self.time_budget_s * images if self.time_budget_s else None
 
     def _request(self, batch: dict, i: int, seed: int) -> SRRequest:
         tokens = torch.from_numpy(np.asarray(batch["tokens"][i], dtype=np.float32))
@@ -70,14 +76,20 @@ class SRStage:
             try:
                 # One batched forward: its time is shared by output pixels (the work each image brought).
                 with timer.rows(rows, pixels):
-                    results = self.upscaler.upscale([self._request(batch, i, seeds[i]) for i in rows])
+                    results = self.upscaler.upscale([self._request(batch, i, seeds[i]) for i in rows],
+                                                    deadline=self._deadline(len(rows)))
             except Exception:  # noqa: BLE001 - isolate the image that fails; the others still finish
                 timer.ms[rows] = np.nan  # the failed forward's time belongs to no image
                 results = []
                 for i in rows:
                     try:
                         with timer.rows([i]):
-                            results.append(self.upscaler.upscale([self._request(batch, i, seeds[i])])[0])
+                            results.append(self.upscaler.upscale([self._request(batch, i, seeds[i])],
+                                                                 deadline=self._deadline(1))[0])
+                    except TimeBudgetExceeded:
+                        fail(batch, i, "sr", f"denoising took longer than time_budget_s={self.time_budget_s} s "
+                             "for this image; downscale it, lower the scale, or raise the budget", "TimeBudgetExceeded")
+                        results.append(EMPTY_IMAGE)
                     except Exception as err:  # noqa: BLE001
                         fail(batch, i, "sr", err)
                         results.append(EMPTY_IMAGE)

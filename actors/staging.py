@@ -9,15 +9,23 @@ from __future__ import annotations
 from pathlib import Path
 
 from cluster.storage import StorageConfig
-from cluster.weights import stage_uris
+from cluster.weights import remote_uris, stage_uris
 from srmodel.config import ModelConfig, ModelSource
 from srmodel.tiny import default_cache_dir
 
 
 def stage_source(source: ModelSource, storage: StorageConfig | None = None,
                  root: str | Path | None = None) -> ModelSource:
-    """The same source with every remote part replaced by its local staged copy (downloaded if needed)."""
-    staged = stage_uris(source.paths(), storage or StorageConfig(), root or default_cache_dir() / "staged")
+    """The same source with every remote part replaced by its local staged copy (downloaded if needed;
+    checked against `source.sha256` when the source is pinned)."""
+    pins = None
+    if source.sha256 is not None:  # {file URI: digest} -> {part: {key within the part's URI: digest}}
+        pins = {}
+        for name, uri in remote_uris(source.paths()).items():
+            base = uri.rstrip("/")
+            pins[name] = {("" if u == base else u[len(base) + 1:]): d for u, d in source.sha256.items()
+                          if u == base or u.startswith(base + "/")}
+    staged = stage_uris(source.paths(), storage or StorageConfig(), root or default_cache_dir() / "staged", pins)
     return source.model_copy(update=staged) if staged else source
 
 

@@ -43,8 +43,9 @@ class WriteStage:
         with StageTimer(batch, "encode") as timer:
             for i in ok_rows(batch):
                 img = np.asarray(batch["sr_image"][i], dtype=np.uint8)
-                uri = join(self.dst, str(batch["dst_key"][i]))
+                uri = f"{self.dst}/{batch['dst_key'][i]}"  # for the message only; join checks the key
                 try:
+                    uri = join(self.dst, str(batch["dst_key"][i]))  # a key from a tampered todo shard fails here
                     with timer.rows([i]):
                         write_bytes_atomic(uri, encode_image(img, self.fmt, self.quality), self.storage)
                 except Exception as err:  # noqa: BLE001 - this image's record, not the job's end

@@ -24,7 +24,16 @@ from pathlib import Path
 
 # Forwarded to the job when set here: where the store is, never who we are.
 STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
-SECRET_HINTS = ("SECRET", "TOKEN", "PASSWORD", "ACCESS_KEY", "CREDENTIAL", "PRIVATE")
+# Names and values that look like secrets: a runtime_env sits in plain text in the job table (`jobs list`).
+SECRET_HINTS = ("SECRET", "TOKEN", "PASSWORD", "PASSWD", "PWD", "PASS", "KEY", "CREDENTIAL", "PRIVATE", "AUTH",
+                "SESSION", "COOKIE", "DSN", "DATABASE_URL", "CONNECTION_STRING", "SIGNATURE")
+SECRET_VALUES = re.compile(
+    r"(A[KS]IA[0-9A-Z]{16}"  # AWS access key ids
+    r"|-----BEGIN [A-Z ]*PRIVATE KEY"
+    r"|\beyJ[\w-]{8,}\.[\w-]{8,}\."  # a JWT
+    r"|\b(gh[pousr]_|github_pat_|glpat-|xox[abprs]-|sk-|hf_)[\w-]{16,}"  # GitHub, GitLab, Slack, OpenAI, Hugging Face
+    r"|[A-Za-z][A-Za-z0-9+.-]*://[^/@\s]*@)"  # user:password@ in a URL
+)
 PACKAGES = ("srmodel", "actors", "pipelines", "cluster")
 METADATA_KEY = "ugcsr"
 ID_PATTERN = re.compile(r"^(?P<base>ugcsr-[a-z-]+-[0-9a-f]{12})(-r(?P<n>\d+))?$")
@@ -48,12 +57,26 @@ def _canon(value):
 
 def storage_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)}
+    for key, value in env.items():
+        check_not_secret(value, key)
     for key, value in (extra or {}).items():
         if any(h in key.upper() for h in SECRET_HINTS):
             raise ValueError(f"--env {key}: secrets are never sent in a job's runtime_env (they would sit in plain "
-                             "text in the job table); give the cluster its own credentials (docs/cluster.md)")
+                             f"text in the job table); {HOW_TO_PASS_SECRETS}")
+        check_not_secret(value, f"--env {key}")
         env[key] = value
     return env
+
+
+HOW_TO_PASS_SECRETS = ("give the cluster its own credentials: an instance role or IRSA for storage, a Kubernetes "
+                       "secret mounted as environment in the Ray pods for other services (docs/cluster.md)")
+
+
+def check_not_secret(value: str, what: str) -> None:
+    """ValueError (never echoing the value) when `value` looks like a credential."""
+    if SECRET_VALUES.search(str(value)):
+        raise ValueError(f"{what}: the value looks like a secret (an access key, token, private key or "
+                         f"user:password@ in a URL) and would be recorded in the job table; {HOW_TO_PASS_SECRETS}")
 
 
 def package_dirs() -> list[str]:

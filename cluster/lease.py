@@ -60,12 +60,23 @@ class Stored:
 
 
 def process_space() -> str:
-    """This host and PID namespace: a lease written from the same space can be checked by its pid."""
+    """This boot of this host and its PID namespace: a lease written from the same space can be checked by pid.
+
+    The kernel's boot id, not the hostname alone: the initial PID namespace has the same inode on every
+    host, and pods or VMs may share a hostname; a pid is only meaningful within one boot.
+    """
     try:
         ns = os.readlink("/proc/self/ns/pid")
     except OSError:
         ns = ""
-    return f"{socket.gethostname()}|{ns}"
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    if not boot:
+        return ""  # no way to tell this machine apart: never take over by pid (wait for the ttl)
+    return f"{socket.gethostname()}|{boot}|{ns}"
 
 
 def _alive(pid: int) -> bool:
@@ -90,7 +101,8 @@ class LeaseRecord:
 
     def dead_here(self) -> bool:
         """Its owner ran on this host, in this PID namespace, and that process is gone (a killed driver)."""
-        return bool(self.pid) and self.space == process_space() and not _alive(self.pid)
+        here = process_space()
+        return bool(self.pid) and bool(here) and self.space == here and not _alive(self.pid)
 
     def expired(self, stored: Stored, ttl_s: float) -> bool:
         """Past its ttl since it was last written, by the store's clock where the store tells it."""

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import uuid
 from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class StorageConfig(BaseModel):
@@ -37,6 +38,11 @@ class StorageConfig(BaseModel):
     connect_timeout_s: float = Field(10, gt=0)
     read_timeout_s: float = Field(60, gt=0)
 
+    @field_validator("endpoint_url")
+    @classmethod
+    def _no_credentials(cls, v: str | None) -> str | None:
+        return check_no_userinfo(v, "endpoint_url")
+
     def s3_options(self) -> dict[str, Any]:
         endpoint = self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         client_kwargs: dict[str, Any] = {}
@@ -49,6 +55,28 @@ class StorageConfig(BaseModel):
         config = {"retries": {"mode": self.retry_mode, "max_attempts": self.max_attempts},
                   "connect_timeout": self.connect_timeout_s, "read_timeout": self.read_timeout_s}
         return {"client_kwargs": client_kwargs, "config_kwargs": config}
+
+
+# scheme://user[:password]@host: credentials in a URI end up in manifests, job tables and logs.
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/@\s]*)@")
+
+
+def has_userinfo(uri: str) -> bool:
+    return bool(_USERINFO.match(str(uri)))
+
+
+def redact(uri: str) -> str:
+    """`uri` with any user:password replaced by REDACTED (for whatever is recorded or printed)."""
+    return _USERINFO.sub(r"\1REDACTED@", str(uri), count=1)
+
+
+def check_no_userinfo(uri: str | None, what: str) -> str | None:
+    """`uri` itself; a ValueError (without the secret) when it carries user:password@."""
+    if uri is not None and has_userinfo(uri):
+        raise ValueError(f"{what} {redact(uri)} carries credentials (user:password@): they would be recorded in "
+                         "manifests, job tables and logs; give the cluster its own credentials (an instance role, "
+                         "a Kubernetes secret as environment; docs/cluster.md) and drop them from the URI")
+    return uri
 
 
 def is_remote(uri: str) -> bool:
@@ -68,8 +96,25 @@ def filesystem(uri: str, storage: StorageConfig | None = None) -> tuple[fsspec.A
 
 
 def join(base: str, *parts: str) -> str:
-    """Join a folder URI/path and relative parts with '/'."""
+    """Join a folder URI/path and relative parts with '/'; a part that could leave `base` is refused.
+
+    Parts often come from data (output keys, ids read back from DST/_state, object keys): an absolute
+    part would replace the base (os.path.join), `..` climbs out of it, `://` or `::` names another store.
+    """
+    for part in parts:
+        check_relative(part)
     return posixpath.join(base.rstrip("/"), *parts) if is_remote(base) else os.path.join(base, *parts)
+
+
+def check_relative(part: str) -> str:
+    """`part` itself when it is a relative path that stays below its folder; else ValueError naming it."""
+    text = str(part)
+    segments = text.replace("\\", "/").split("/")
+    if (not text or text.startswith(("/", "\\", "~")) or re.match(r"^[A-Za-z]:", text) or "://" in text
+            or "::" in text or "\x00" in text or ".." in segments):
+        raise ValueError(f"refusing the path part {text!r}: parts joined under a folder must be relative, without "
+                         "'..', '~', '://' or '::' (it may come from a listing or a state file that was tampered with)")
+    return text
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -123,13 +168,26 @@ def _broken_body(err: BaseException) -> bool:
     return _in_chain(err, kinds) is not None
 
 
-def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
-    """An object's bytes. Request failures are retried by botocore; a body cut mid-stream is re-fetched here."""
+class TooLarge(ValueError):
+    """An object over the caller's byte limit (nothing past the limit was fetched)."""
+
+
+def read_bytes(uri: str, storage: StorageConfig | None = None, max_bytes: int | None = None) -> bytes:
+    """An object's bytes. Request failures are retried by botocore; a body cut mid-stream is re-fetched here.
+
+    `max_bytes`: one ranged read of at most max_bytes + 1 bytes; more than max_bytes is a TooLarge error,
+    so a huge object never sits whole in a worker's memory.
+    """
     storage = storage or StorageConfig()
     fs, path = filesystem(uri, storage)
     for attempt in range(1, storage.body_retries + 1):
         try:
-            return fs.cat_file(path)
+            if max_bytes is None:
+                return fs.cat_file(path)
+            data = fs.cat_file(path, start=0, end=max_bytes + 1)
+            if len(data) > max_bytes:
+                raise TooLarge(f"{redact(uri)} is larger than max_input_bytes={max_bytes}; raise the limit to read it")
+            return data
         except Exception as err:
             if attempt == storage.body_retries or not is_remote(uri) or not _broken_body(err):
                 raise

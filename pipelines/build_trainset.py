@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from actors.decode import DecodeError, decode_image
 from cluster import ray_runtime
-from cluster.storage import StorageConfig, filesystem, is_remote, join, read_bytes, uri_of, write_bytes_atomic
+from cluster.storage import StorageConfig, check_no_userinfo, filesystem, is_remote, join, read_bytes, uri_of, write_bytes_atomic
 
 from .paths import IMAGE_EXTENSIONS
 
@@ -77,7 +77,7 @@ class TrainsetJob(BaseModel):
     def _absolute_local(cls, v):
         import os
 
-        if v is None or is_remote(v):
+        if v is None or is_remote(check_no_userinfo(v, "path")):
             return v
         return os.path.abspath(os.path.expanduser(v.removeprefix("file://")))
 

@@ -37,6 +37,9 @@ class ModelSource(Strict):
     ram_tag_list: str | None = Field(None, description="default: the shipped ram_tag_list.txt")
     ram_thresholds: str | None = Field(None, description="default: the shipped ram_tag_list_threshold.txt")
     revision: str = Field("checkpoint-90000", description="recorded in outputs; part of the params hash")
+    sha256: dict[str, str] | None = Field(
+        None, description="pins for weights staged from object storage: {file URI: hex sha256}, every staged file "
+                          "listed (`ugcsr upscale --weights-sha256 SUMS`, sha256sum output relative to WEIGHTS)")
 
     # Fields that name files or folders (the rest are options): what gets staged from object storage.
     PATH_FIELDS: ClassVar[tuple[str, ...]] = (

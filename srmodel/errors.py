@@ -5,6 +5,10 @@ class WeightsError(ValueError):
     """A weight file or folder cannot be loaded as the model it claims to be."""
 
 
+class TimeBudgetExceeded(RuntimeError):
+    """Denoising went past the caller's deadline (checked between steps): one input must not hold a GPU."""
+
+
 def describe_key_problems(
     source: str,
     *,

@@ -9,6 +9,7 @@ latent tiles of all images in a call share forwards by tile shape.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import torch
 
 from .models import vae as vae_ops
 from .config import ModelConfig, SamplerConfig
+from .errors import TimeBudgetExceeded
 from .models.controlnet import SemanticControlNet
 from .sampling.ddpm import make_scheduler
 from .imaging.image_paths import image_path, round_to_uint8, to_tensor
@@ -81,20 +83,27 @@ class SemanticUpscaler:
         """The sizes of one input through the image path (`.model_size`, `.out_size`, ...)."""
         return self.path.plan(width, height)
 
-    def upscale(self, requests: Sequence[SRRequest]) -> list[np.ndarray]:
+    def upscale(self, requests: Sequence[SRRequest], deadline: float | None = None) -> list[np.ndarray]:
         """SR images (uint8 RGB, exactly W*s x H*s) in the order given.
 
         Images are denoised together in groups of at most max_batch // (2 with CFG) images; their
         latent tiles share forwards whenever tile shapes agree, whatever the image sizes.
+        `deadline` (time.monotonic()): past it, TimeBudgetExceeded is raised between denoising steps.
         """
+
+        def check() -> None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeBudgetExceeded("denoising went past its time budget")
+
         out: list[np.ndarray] = []
         per_call = max(1, self.config.tiling.rows // (2 if self.sampler.cfg else 1))
         for start in range(0, len(requests), per_call):
-            prepared = self.denoise(requests[start : start + per_call])
+            prepared = self.denoise(requests[start : start + per_call], check=check)
+            check()
             out += [self.finish(p) for p in prepared]
         return out
 
-    def denoise(self, requests: Sequence[SRRequest]) -> list["Denoised"]:
+    def denoise(self, requests: Sequence[SRRequest], check=None) -> list["Denoised"]:
         """Condition images and final latents (not divided by the VAE scaling factor) of requests."""
         s, dev, tiling, path = self.sampler, self.device, self.config.tiling, self.path
         plans = [path.plan(r.image.shape[1], r.image.shape[0]) for r in requests]
@@ -136,6 +145,7 @@ class SemanticUpscaler:
             tile_overlap=tiling.latent_overlap,
             tiling_rule="release" if self.config.geometry == "release" else "exact-size",
             max_batch=tiling.rows,
+            check=check,
         )
         return [Denoised(p, r, z) for p, r, z in zip(plans, references, latents)]
 

@@ -135,7 +135,12 @@ def settings_error(err, options: dict[tuple, str], config: Path | None) -> NoRet
         elif e["type"] == "missing":
             lines.append(f"{name}: required")
         else:
-            lines.append(f"{name}: {msg}; given: {e.get('input')!r}")
+            given = e.get("input")
+            if isinstance(given, str):  # a URI's user:password@ is never printed
+                from cluster.storage import redact
+
+                given = redact(given)
+            lines.append(f"{name}: {msg}; given: {given!r}")
     fail("invalid settings:\n  " + "\n  ".join(lines), EXIT_USAGE)
 
 

@@ -55,6 +55,8 @@ def submit(
         _fail("--env takes NAME=VALUE")
     try:
         job_env = jobs.storage_env(extra)
+        for arg in args:  # the entrypoint is recorded in the job table: no credentials in it
+            jobs.check_not_secret(arg, f"{program} argument")
         cl = jobs.client(address)
     except (ValueError, ConnectionError) as err:
         _fail(str(err))

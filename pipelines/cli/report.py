@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import EXIT_JOB, echo_result, fail
+from .common import EXIT_JOB, EXIT_USAGE, echo_result, fail
 
 
 def report(
@@ -20,14 +20,22 @@ def report(
 ) -> None:
     """A static, self-contained HTML report of a run: settings, counts, plots, errors, a gallery, metrics.
 
-    Exit codes: 0 done, 2 bad option, 3 the run could not be read.
+    The page's folder (<out>_files/) is replaced only when an earlier report wrote it (it holds a
+    .ugcsr-report-assets marker); --out must lie outside the run's input and output folders. The gallery
+    reads only images under the run's input or output folder (an input list file: its folder); other rows
+    are listed without a picture.
+
+    Exit codes: 0 done, 2 bad option (an --out that would harm something), 3 the run could not be read.
     """
     from cluster.storage import StorageConfig
     from pipelines.report import build_report
+    from pipelines.report.render import ReportOutError
 
     try:
         info = build_report(run_dir, out, storage=StorageConfig(endpoint_url=endpoint_url), eval_dir=eval_dir,
                             gallery=gallery, per_page=per_page)
+    except ReportOutError as err:  # before the ValueError below: it is the option's fault, not the run's
+        fail(str(err), EXIT_USAGE)
     except (OSError, ValueError, RuntimeError) as err:
         fail(str(err), EXIT_JOB)
     echo_result(info)

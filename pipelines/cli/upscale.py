@@ -16,7 +16,7 @@ DTYPES = Literal["fp32", "fp16", "bf16"]
 # Which parameter sets which job field: errors in a value given on the command line name the option.
 OPTION_OF = {
     ("src",): "src", ("dst",): "dst", ("address",): "address", ("limit",): "limit", ("format",): "fmt",
-    ("relist",): "relist", ("cache_semantic",): "cache_semantic", ("storage", "endpoint_url"): "endpoint_url",
+    ("relist",): "relist", ("allow_src",): "allow_src", ("cache_semantic",): "cache_semantic", ("storage", "endpoint_url"): "endpoint_url",
     ("model", "sampler", "upscale"): "scale", ("model", "dtype"): "dtype", ("model", "geometry"): "geometry",
     ("model", "sampler", "prompt_source"): "prompt_source", ("model", "sampler", "fixed_tags"): "tags",
     ("model", "sampler", "user_prompt"): "prompt",
@@ -49,6 +49,21 @@ def released_source(weights: str, preset: str = "wild", storage=None):
             raise typer.BadParameter(f"{path} is missing; WEIGHTS must hold the released files (see README)",
                                      param_hint="'--weights'")
     return src
+
+
+def pinned(source, weights: str | None, sums: Path):
+    """`source` with {file URI: sha256} from a sha256sum list of the WEIGHTS folder."""
+    from cluster.storage import is_remote, join
+    from cluster.weights import read_sha256_list
+
+    if source is None or not is_remote(weights):
+        raise typer.BadParameter("pins check weights staged from object storage: give --weights s3://...",
+                                 param_hint="'--weights-sha256'")
+    try:
+        pins = read_sha256_list(sums.read_text())
+        return source.model_copy(update={"sha256": {join(weights.rstrip("/"), rel): d for rel, d in pins.items()}})
+    except (OSError, ValueError) as err:
+        raise typer.BadParameter(f"{sums}: {err}", param_hint="'--weights-sha256'") from err
 
 
 def _storage(data: dict, endpoint_url: str | None):
@@ -92,6 +107,9 @@ def upscale(
                    "default without --weights"),
     weights: Optional[str] = typer.Option(
         None, help="folder or s3:// prefix with the released weights (README); needs --preset"),
+    weights_sha256: Optional[Path] = typer.Option(
+        None, "--weights-sha256", help="sha256sum output of WEIGHTS (paths relative to it): every file staged from "
+                                       "object storage must match (docs/cluster.md)"),
     allow_cpu: bool = typer.Option(False, "--allow-cpu", help="run a full-size preset on a cluster without GPUs"),
     shared_fs: bool = typer.Option(False, "--shared-fs", help="local SRC/DST are on a filesystem every node mounts"),
     seesr: Optional[Path] = typer.Option(None, help="folder with unet/ and controlnet/ used instead of the preset's or "
@@ -106,6 +124,9 @@ def upscale(
     fmt: Optional[Literal["png", "webp", "jpeg"]] = typer.Option(None, "--format", help="output format [default: png]"),
     endpoint_url: Optional[str] = typer.Option(None, help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)"),
     limit: Optional[int] = typer.Option(None, help="process at most N (>= 1) images this run"),
+    allow_src: Optional[list[str]] = typer.Option(
+        None, "--allow-src", help="a URI prefix the rows of a .txt/.parquet SRC list may name besides the list's own "
+                                  "bucket or folder (repeatable; docs/cluster.md)"),
     relist: Optional[bool] = typer.Option(
         None, "--relist/--no-relist",
         help="list SRC again / reuse the listing under DST/_state/ [default: relist local folders, reuse remote listings]"),
@@ -136,13 +157,15 @@ def upscale(
     from srmodel.presets import get_preset
 
     source = released_source(weights, preset or "tiny", _storage(data, endpoint_url)) if weights else None
+    if weights_sha256 is not None:
+        source = pinned(source, weights, weights_sha256)
     model = get_preset(preset or "tiny", source).model_dump(mode="json")
     if seesr is not None:
         model = with_seesr(model, seesr)
     sampler = given(upscale=scale, prompt_source=prompt_source, fixed_tags=tags, user_prompt=prompt)
     data["model"] = merge(merge(model, data.get("model") or {}), given(dtype=dtype, geometry=geometry, sampler=sampler or None))
     data.update(given(src=src, dst=dst, address=address, limit=limit, format=fmt, cache_semantic=cache_semantic,
-                      relist=relist, allow_cpu=allow_cpu or None, shared_fs=shared_fs or None))
+                      relist=relist, allow_src=allow_src or None, allow_cpu=allow_cpu or None, shared_fs=shared_fs or None))
     run_command(UpscaleJob, data, option_of=OPTION_OF, options=options, config=config, endpoint_url=endpoint_url,
                 print_config=print_config, dry_run=dry_run, plan=plan_only, run=lambda job: _run(job, log_interval),
                 failures=lambda summary: summary["by_status"].get("error", 0), fail_on_error=fail_on_error)

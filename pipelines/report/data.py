@@ -19,9 +19,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cluster.storage import StorageConfig, filesystem, join
+from cluster.storage import StorageConfig, filesystem, is_local, join
 
 from ..upscale.outputs import latest_rows, read_run_manifest, read_run_summary
+from .scope import OutOfScope, ReadScope, src_root
 
 STAGES = ("decode", "semantic", "sr", "encode")
 # What the page uses of the manifest (prompts and tags stay on disk: the driver holds every row read).
@@ -67,6 +68,8 @@ class UpscaleRun:
     errors: list[ErrorGroup]  # most images first
     evaluation: Evaluation | None
     gallery: list[GalleryGroup]  # those with items
+    src: str | None  # SRC as the run recorded it (summary.json, else _state/listing.json); None if unknown
+    scope: ReadScope  # what the gallery may read: under DST and SRC (a list file's folder), never elsewhere
 
 
 def load_upscale_run(dst: str, storage: StorageConfig, *, eval_dir: str | None, gallery: int,
@@ -79,13 +82,29 @@ def load_upscale_run(dst: str, storage: StorageConfig, *, eval_dir: str | None, 
     # latest_rows is the one definition of "an image's state" (evaluate uses it too); a table again for compute.
     latest = pa.Table.from_pylist(latest_rows(manifest), schema=manifest.schema)
     summary = read_run_summary(dst, storage) or {}
+    src = _recorded_src(dst, summary, storage)
     stage_ms = _stage_ms(manifest)
     return UpscaleRun(
         dst=dst, settings=_settings(dst, manifest, summary), counts=_counts(manifest, latest),
         throughput=_throughput(manifest), stage_ms=stage_ms,
         stage_stats=[[s, len(v), float(np.mean(v)), float(np.percentile(v, 50)), float(np.percentile(v, 95))]
                      for s, v in stage_ms.items()],
-        errors=_errors(latest), evaluation=evaluation, gallery=_gallery(latest, evaluation, gallery, per_page))
+        errors=_errors(latest), evaluation=evaluation, gallery=_gallery(latest, evaluation, gallery, per_page),
+        src=src, scope=ReadScope.of(dst, src_root(src)))
+
+
+def _recorded_src(dst: str, summary: dict, storage: StorageConfig) -> str | None:
+    """The run's SRC: the summary's, else the listing's (a run killed before its summary still has one)."""
+    src = summary.get("src") if isinstance(summary, dict) else None
+    if isinstance(src, str) and src:
+        return src
+    fs, path = filesystem(join(dst, "_state", "listing.json"), storage)
+    try:
+        meta = json.loads(fs.cat_file(path)) if fs.isfile(path) else None
+    except (OSError, ValueError):
+        return None
+    src = meta.get("src") if isinstance(meta, dict) else None
+    return src if isinstance(src, str) and src else None
 
 
 def _column(table: pa.Table, name: str) -> pa.ChunkedArray:
@@ -316,7 +335,21 @@ def load_training_run(run: str, storage: StorageConfig) -> TrainingRun:
                     posixpath.dirname(rel) or ".")
         groups.setdefault(ckpt, []).append(p)
     return TrainingRun(run=run, settings=settings, metrics=metrics,
-                       validation={k: groups[k] for k in sorted(groups, key=_natural)}, read=fs.cat_file)
+                       validation={k: groups[k] for k in sorted(groups, key=_natural)}, read=_reader(fs, root))
+
+
+def _reader(fs, root: str) -> Callable[[str], bytes]:
+    """fs.cat_file, refusing a local file whose realpath leaves the run folder (a symlink to elsewhere)."""
+    if not is_local(fs):
+        return fs.cat_file  # object keys found under the prefix are under it
+    scope = ReadScope.of(root)
+
+    def read(path: str) -> bytes:
+        if not scope.allows(path):
+            raise OutOfScope("not under the run folder")
+        return fs.cat_file(path)
+
+    return read
 
 
 def _natural(s: str):

@@ -15,9 +15,11 @@ import functools
 import io
 import json
 import math
+import os
 import posixpath
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import jinja2
@@ -29,35 +31,101 @@ from cluster.storage import StorageConfig, read_bytes
 
 from .data import (Evaluation, GalleryItem, Metrics, TrainingRun, UpscaleRun, is_training_run, load_training_run,
                    load_upscale_run, path_of)
+from .scope import OutOfScope, ReadScope, local_overlap, src_root
 
 THUMB = 360  # longest side of gallery thumbnails, px
 MIN_SHOWN = 240  # thumbnails are displayed at least this large (px)
 CROP = 96  # side of the zoomed crops, in output pixels (shown 2.5x, pixelated)
 
 
+ASSETS_MARKER = ".ugcsr-report-assets"  # in every assets folder a report writes: only such a folder is ever replaced
+
+
+class ReportOutError(ValueError):
+    """--out cannot be written without harming something; the message names the folder and the way out."""
+
+
 def build_report(target: str, out: str | Path, *, storage: StorageConfig | None = None, eval_dir: str | None = None,
                  gallery: int = 24, per_page: int = 8) -> dict:
-    """Write the page for an upscale DST or a training run folder; returns what was written."""
+    """Write the page for an upscale DST or a training run folder; returns what was written.
+
+    Page and assets are built in a temporary folder beside `out` and renamed into place, so a report that
+    fails leaves the previous one whole; an existing `<out>_files/` is replaced only when a report wrote it.
+    """
     storage = storage or StorageConfig()
     out = Path(out)
     assets = out.parent / f"{out.stem}_files"
-    if assets.exists():
-        shutil.rmtree(assets)
-    assets.mkdir(parents=True)
-    page = _Page(assets)
+    around = {"DST": target, "--eval folder": eval_dir}
+    _check_out(out, assets, {})  # an unrelated <out>_files/ is refused before the (maybe long) reading
     run = load_upscale_run(target, storage, eval_dir=eval_dir, gallery=gallery, per_page=per_page)
+    training = None
     if run is not None:
         kind = "upscale run"
-        _upscale_sections(page, run, storage, per_page)
+        around["SRC"] = run.src  # known from the run's summary
     elif is_training_run(target, storage):
         kind = "training run"
-        _training_sections(page, load_training_run(target, storage), per_page)
+        training = load_training_run(target, storage)
     else:
         raise FileNotFoundError(f"{target} has neither an upscale manifest (_manifest/) nor training metrics "
                                 "(metrics.parquet / checkpoints); give an upscale DST or a training run folder")
-    out.write_text(page.render(f"ugcsr report: {target}", kind, target), encoding="utf-8")
+    _check_out(out, assets, around)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.stem}.report-", dir=out.parent))  # beside out: renames stay on one fs
+    try:
+        (tmp / "new").mkdir()
+        staged = tmp / "new" / assets.name  # the same name: the page's links are right once it is moved
+        staged.mkdir()
+        (staged / ASSETS_MARKER).write_text(f"written by `ugcsr report` for {out.name}; the next report to that page "
+                                            "replaces this folder\n", encoding="utf-8")
+        page = _Page(staged)
+        if run is not None:
+            _upscale_sections(page, run, storage, per_page)
+        else:
+            _training_sections(page, training, per_page)
+        (tmp / "new" / out.name).write_text(page.render(f"ugcsr report: {target}", kind, target), encoding="utf-8")
+        _check_out(out, assets, around)  # again: <out>_files/ may have changed while the page was built
+        _swap_in(tmp, out, assets)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # what was staged, and the previous assets moved in here
     return {"report": str(out), "assets": str(assets), "kind": kind, "gallery_items": page.gallery_items,
             "plots": page.plots}
+
+
+def _check_out(out: Path, assets: Path, runs: dict[str, str | None]) -> None:
+    """ReportOutError when writing out (page) and assets (its folder) could destroy something."""
+    for what, uri in runs.items():
+        for mine in (assets, out):
+            if local_overlap(mine, uri):
+                raise ReportOutError(
+                    f"--out {out} would write {mine}, which is, holds or lies inside the run's {what} {uri}: the "
+                    f"report replaces {assets.name}/ whole. Choose an --out outside the run's DST and SRC")
+    if out.is_dir():
+        raise ReportOutError(f"--out {out} is a folder; give the path of the HTML page to write (e.g. {out}.html)")
+    if assets.is_symlink() or assets.exists():
+        if assets.is_symlink() or not assets.is_dir() or not (assets / ASSETS_MARKER).is_file():
+            raise ReportOutError(
+                f"{assets} exists and was not written by `ugcsr report` (it has no {ASSETS_MARKER} file; reports "
+                f"written before the marker have none either), and the report for --out {out} would replace it. "
+                f"Choose another --out, or remove {assets} yourself if it is only an old report's folder")
+
+
+def _swap_in(tmp: Path, out: Path, assets: Path) -> None:
+    """Rename the staged assets and page (tmp/new/) over the previous ones; on a failure, put the previous back."""
+    previous = tmp / "old"
+    had = assets.exists()
+    if had:
+        os.rename(assets, previous)  # checked just before: a report's folder (it carries the marker)
+    moved = False
+    try:
+        os.rename(tmp / "new" / assets.name, assets)
+        moved = True
+        os.replace(tmp / "new" / out.name, out)
+    except BaseException:
+        if moved:
+            os.rename(assets, tmp / "failed")
+        if had:
+            os.rename(previous, assets)
+        raise
 
 
 # ---------------------------------------------------------------- page assembly
@@ -143,8 +211,11 @@ def _upscale_sections(page: _Page, run: UpscaleRun, storage, per_page: int) -> N
     page.add("errors", "Errors", groups=run.errors)
     if run.evaluation is not None:
         page.add("metrics", "Metrics (evaluate)", evaluation=run.evaluation, psnr=_psnr_plot(page, run.evaluation))
+    # Ground truth is read under the evaluation's GT too (where evaluate found it), else under SRC/DST only.
+    gt_scope = run.scope.with_root(src_root(run.evaluation.gt)) if run.evaluation is not None else run.scope
     groups = [{"title": g.title, "gid": g.gid,
-               "cards": [_card(page, item, storage, f"{g.gid}{i:04d}") for i, item in enumerate(g.items)]}
+               "cards": [_card(page, item, storage, f"{g.gid}{i:04d}", run.scope, gt_scope)
+                         for i, item in enumerate(g.items)]}
               for g in run.gallery]
     page.gallery_items = sum(len(g["cards"]) for g in groups)
     page.add("gallery", "Gallery", groups=groups, per_page=per_page)
@@ -224,16 +295,24 @@ def _detail_spot(y: np.ndarray, side: int) -> tuple[int, int]:
     return where
 
 
-def _card(page: _Page, item: GalleryItem, storage, stem: str) -> dict:
-    """One gallery card's files (thumbnails, crops) written; what its template shows."""
+def _card(page: _Page, item: GalleryItem, storage, stem: str, scope: ReadScope, gt_scope: ReadScope) -> dict:
+    """One gallery card's files (thumbnails, crops) written; what its template shows.
+
+    The row's URIs are data: only those under the run's SRC/DST are read (never a URL or file elsewhere).
+    """
     row, ev_row = item.row, item.ev_row
     folder = page.assets / "gallery"
     folder.mkdir(exist_ok=True)
     name = posixpath.basename(path_of(row["dst_uri"]))
+    why = item.why
+    gt_uri = ev_row.get("gt_uri") if ev_row else None
+    if gt_uri and not gt_scope.allows(gt_uri):
+        gt_uri, why = None, f"{why} · ground truth not shown: not under the evaluation's GT or the run's SRC/DST"
     try:
-        out = _read_rgb(row["dst_uri"], storage)
-        src = _read_rgb(row["src_uri"], storage)
-        gt = _read_rgb(ev_row["gt_uri"], storage) if ev_row and ev_row.get("gt_uri") else None
+        dst_uri, src_uri = scope.check(row["dst_uri"]), scope.check(row["src_uri"])  # both before any read
+        out = _read_rgb(dst_uri, storage)
+        src = _read_rgb(src_uri, storage)
+        gt = _read_rgb(gt_uri, storage) if gt_uri else None
     except Exception as err:  # noqa: BLE001 - an unreadable file is a note in the gallery, not a failed report
         return {"name": name, "error": str(err)}
     h, w = out.shape[:2]
@@ -260,7 +339,7 @@ def _card(page: _Page, item: GalleryItem, storage, stem: str) -> dict:
     metrics = ""
     if ev_row and ev_row.get("psnr") is not None:
         metrics = " · ".join(f"{k.upper()} {_fmt(ev_row[k])}" for k in ("psnr", "ssim", "lpips") if ev_row.get(k) is not None)
-    return {"name": name, "error": None, "why": item.why, "src_w": src.shape[1], "src_h": src.shape[0], "w": w, "h": h,
+    return {"name": name, "error": None, "why": why, "src_w": src.shape[1], "src_h": src.shape[0], "w": w, "h": h,
             "metrics": metrics, "tw": round(fw * shown), "th": round(fh * shown), "input": files["in"],
             "output": files["out"], "gt": files.get("gt"), "crops": crops}
 
@@ -290,7 +369,8 @@ def _training_sections(page: _Page, run: TrainingRun, per_page: int) -> None:
                     dest = folder / f"{k:05d}.jpg"
                     im.save(dest, quality=88)
             except Exception as err:  # noqa: BLE001 - an unreadable file is a note, not a failed report
-                why = "not a readable image" if isinstance(err, Image.UnidentifiedImageError) else f"{type(err).__name__}: {err}"
+                why = ("not a readable image" if isinstance(err, Image.UnidentifiedImageError)
+                       else str(err) if isinstance(err, OutOfScope) else f"{type(err).__name__}: {err}")
                 figures.append({"name": name, "error": why})
                 continue
             k += 1

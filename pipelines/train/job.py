@@ -6,7 +6,7 @@ import os
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from cluster.storage import StorageConfig, is_remote
+from cluster.storage import StorageConfig, check_no_userinfo, is_remote
 from srmodel.config import ModelConfig
 from srmodel.train.config import TrainRecipe
 
@@ -56,6 +56,7 @@ class TrainJob(BaseModel):
     @field_validator("trainset", "run")
     @classmethod
     def _absolute_local(cls, v: str) -> str:
+        check_no_userinfo(v, "path")
         return v if is_remote(v) else os.path.abspath(os.path.expanduser(v.removeprefix("file://")))
 
     @model_validator(mode="after")

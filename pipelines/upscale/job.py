@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from actors.decode import DEFAULT_MAX_PIXELS
-from cluster.storage import StorageConfig, is_remote
+from cluster.storage import StorageConfig, check_no_userinfo, is_remote
 from srmodel.config import ModelConfig
 
 
@@ -84,6 +84,14 @@ class UpscaleJob(BaseModel):
     max_output_pixels: int = Field(
         256_000_000, ge=1, description="images whose output would be larger get an error row (bounded memory)"
     )
+    allow_src: list[str] = Field(
+        default_factory=list, description="URI prefixes (another bucket, a local root, an https host) the rows of a "
+        ".txt/.parquet SRC list may name besides the list's own bucket (remote) or folder (local); see docs/cluster.md")
+    max_input_bytes: int = Field(
+        256 * 2**20, ge=1, description="larger source objects get an error row without being read past the limit")
+    time_budget_s: float | None = Field(
+        1800.0, gt=0, description="SR seconds one image may take (checked between denoising steps); past it the "
+                                  "image gets an error row and the GPU moves on. None: no limit")
     relist: bool | None = Field(
         None, description="list SRC again instead of reusing the listing under DST/_state/; "
                           "None: local folders are listed on every run (cheap), remote prefixes once"
@@ -98,11 +106,24 @@ class UpscaleJob(BaseModel):
         ident = f"{self.model.params_hash()}|{self.base_seed}|{self.format}|{self.quality}"
         return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
+    @field_validator("allow_src")
+    @classmethod
+    def _allowed_roots(cls, v: list[str]) -> list[str]:
+        out = []
+        for root in v:
+            check_no_userinfo(root, "allow_src entry")
+            if "::" in root or not root.strip():
+                raise ValueError(f"allow_src entry {root!r} is not a folder or URI prefix")
+            root = root[len("file://"):] if root.startswith("file://") else root
+            out.append(root if is_remote(root) else os.path.abspath(os.path.expanduser(root)))
+        return out
+
     @field_validator("src", "dst", "cache_semantic")
     @classmethod
     def _absolute_local(cls, v: str | None) -> str | None:
         if v is None:
             return None
+        check_no_userinfo(v, "path")
         # Actors may run in another working directory (or on another node sharing the filesystem).
         if v.startswith("file://"):
             v = v[len("file://"):]
@@ -117,7 +138,7 @@ class UpscaleJob(BaseModel):
     manifest_rows_per_file: int = Field(
         1024, ge=1, description="rows per manifest part (a killed driver loses at most the parts in flight; "
         "`ugcsr manifest compact` merges parts later)")
-    plan_buckets: int | None = Field(None, ge=1, description="hash buckets of the listing and resume anti-join; "
+    plan_buckets: int | None = Field(None, ge=1, le=4096, description="hash buckets of the listing and resume anti-join; "
                                      "default: one per 250k rows of a Parquet list, 8 for folders")
     plan_tasks: int | None = Field(None, ge=1, description="parallel listing tasks; default: from the cluster's CPUs")
     execution_images: int = Field(

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import posixpath
+import re
 import uuid
 import zlib
 from urllib.parse import urlparse
@@ -30,12 +32,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from cluster.storage import StorageConfig, filesystem, is_local, join, read_bytes, uri_of, write_bytes_atomic
+from cluster.storage import (StorageConfig, filesystem, is_local, join, read_bytes, redact, uri_of,
+                             write_bytes_atomic)
 from srmodel.sampling.seeds import image_id_from_uri
 
 from ..paths import IMAGE_EXTENSIONS, output_key
 
+log = logging.getLogger(__name__)
+
 LISTING_SCHEMA = pa.schema([("image_id", pa.string()), ("src_uri", pa.string()), ("dst_key", pa.string())])
+MAX_BUCKETS = 4096  # also the cap of _auto_buckets
 ROWS_PER_BUCKET = 250_000  # auto bucket count for Parquet lists: a bucket stays a few tens of MiB in a task
 
 
@@ -163,6 +169,8 @@ def _rows_of_unit(unit: tuple, ctx: dict) -> tuple[list[str], list[str]]:
         raw = [line.strip() for line in data.decode("utf-8").splitlines() if line.strip() and not line.startswith("#")]
     # Relative local paths are resolved against the driver's directory, not each worker's.
     uris = [u if "://" in u else "file://" + os.path.normpath(os.path.join(ctx["cwd"], u)) for u in raw if u]
+    # user:password@ never reaches the manifest; the read stage refuses the redacted row (source_policy).
+    uris = [redact(u) for u in uris]
     return uris, [output_key(_key_for_uri(u), fmt) for u in uris]
 
 
@@ -266,9 +274,33 @@ def read_listing_meta(dst: str, storage: StorageConfig) -> dict | None:
     if not fs.exists(path):
         return None
     try:
-        return json.loads(fs.cat_file(path))
+        meta = json.loads(fs.cat_file(path))
     except (OSError, ValueError):
         return None  # unreadable: list again
+    problem = listing_meta_problem(meta)
+    if problem:
+        # DST is shared storage: its state is data, never trusted as paths (the id names a folder to delete).
+        log.warning("ignoring %s (%s): listing again", uri_of(fs, path), problem)
+        return None
+    return meta
+
+
+LISTING_ID = re.compile(r"^[0-9a-f]{12}$")
+
+
+def listing_meta_problem(meta) -> str | None:
+    """Why a listing.json read back from DST cannot be used, or None when every value is in range."""
+    if not isinstance(meta, dict):
+        return "not a JSON object"
+    if not isinstance(meta.get("listing_id"), str) or not LISTING_ID.match(meta["listing_id"]):
+        return f"listing_id {meta.get('listing_id')!r} is not 12 hex digits"
+    buckets = meta.get("buckets")
+    if not isinstance(buckets, int) or isinstance(buckets, bool) or not 1 <= buckets <= MAX_BUCKETS:
+        return f"buckets {buckets!r} is not a whole number from 1 to {MAX_BUCKETS}"
+    images = meta.get("images")
+    if images is not None and (not isinstance(images, int) or isinstance(images, bool) or images < 0):
+        return f"images {images!r} is not a count"
+    return None
 
 
 def new_listing_id() -> str:
@@ -282,8 +314,9 @@ def listing_part_uri(dst: str, listing_id: str, k: int) -> str:
 def commit_listing(dst: str, storage: StorageConfig, meta: dict, previous: dict | None) -> None:
     """The meta file is the commit point: written after every part; an older listing is removed after it."""
     write_bytes_atomic(listing_meta_uri(dst), json.dumps(meta).encode(), storage)
-    if previous and previous.get("listing_id") and previous["listing_id"] != meta["listing_id"]:
-        fs, path = filesystem(join(dst, "_state", "listing", previous["listing_id"]), storage)
+    old_id = str((previous or {}).get("listing_id") or "")
+    if LISTING_ID.match(old_id) and old_id != meta["listing_id"]:  # never a path taken from DST as it was read
+        fs, path = filesystem(join(dst, "_state", "listing", old_id), storage)
         try:
             fs.rm(path, recursive=True)
         except (OSError, FileNotFoundError):

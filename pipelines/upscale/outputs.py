@@ -19,6 +19,8 @@ import pyarrow.parquet as pq
 
 from cluster.storage import StorageConfig, filesystem, join
 
+from .listing import read_listing_meta
+
 
 def manifest_files(dst: str, storage: StorageConfig | None = None) -> tuple[object, str, list[str]]:
     """(fs, manifest folder path, Parquet files under it), skipping temp/hidden files."""
@@ -103,11 +105,10 @@ def read_listing(dst: str, storage: StorageConfig | None = None) -> pa.Table | N
     Current layout: `_state/listing.json` names the committed listing, sharded as
     `_state/listing/<id>/part-*.parquet`; older runs kept one `_state/listing.parquet`.
     """
-    fs, meta_path = filesystem(join(dst, "_state", "listing.json"), storage)
-    if fs.isfile(meta_path):
-        listing_id = json.loads(fs.cat_file(meta_path)).get("listing_id")
-        _, folder = filesystem(join(dst, "_state", "listing", str(listing_id)), storage)
-        parts = sorted(fs.glob(folder.rstrip("/") + "/part-*.parquet")) if listing_id and fs.isdir(folder) else []
+    meta = read_listing_meta(dst, storage or StorageConfig())  # None when absent or out of range
+    if meta:
+        fs, folder = filesystem(join(dst, "_state", "listing", meta["listing_id"]), storage)
+        parts = sorted(fs.glob(folder.rstrip("/") + "/part-*.parquet")) if fs.isdir(folder) else []
         if parts:
             return pa.concat_tables([pq.read_table(io.BytesIO(fs.cat_file(p))) for p in parts])
     fs, path = filesystem(join(dst, "_state", "listing.parquet"), storage)

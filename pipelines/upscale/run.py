@@ -32,6 +32,7 @@ from actors.sr import SRStage
 from cluster import ray_runtime
 from cluster.lease import DstLease, LeaseLost, check_lease
 from cluster.storage import StorageConfig, filesystem, is_remote, join
+from cluster.source_policy import policy_for
 from cluster.weights import check_uris
 from srmodel.stages import resolve
 
@@ -65,7 +66,7 @@ def _auto_buckets(job: UpscaleJob, known_rows: int | None) -> int:
     if job.plan_buckets:
         return job.plan_buckets
     if known_rows is not None:
-        return max(1, min(4096, math.ceil(known_rows / L.ROWS_PER_BUCKET)))
+        return max(1, min(L.MAX_BUCKETS, math.ceil(known_rows / L.ROWS_PER_BUCKET)))
     return 8
 
 
@@ -218,13 +219,15 @@ def _build_dataset(job: UpscaleJob, plan: Plan, pools: dict, journal=None, progr
     sem_mem = r.semantic_memory_gb if r.semantic_memory_gb is not None else (SEMANTIC_MEMORY_GB if full else 0.0)
     s = job.model.sampler
     group = {"scale": s.upscale, "process_size": s.process_size, "multiple": job.model.tiling.pad_multiple}
+    policy = policy_for(job.src, job.allow_src, IMAGE_EXTENSIONS).model_dump(mode="json")
     ds = ds.map_batches(io.read_decode, fn_kwargs={"storage": storage, "max_pixels": job.max_pixels,
-                                                   "fetch_threads": r.fetch_threads, "group": group, **guard},
+                                                   "fetch_threads": r.fetch_threads, "group": group,
+                                                   "policy": policy, "max_bytes": job.max_input_bytes, **guard},
                         batch_size=r.io_batch, num_cpus=pools["io_cpus"], compute=TaskPoolStrategy(size=reads),
                         **task_retry)
     sr_kwargs = {"config": model, "base_seed": job.base_seed, "cpu_threads": pools.get("cpu_threads"),
                  "max_output_pixels": job.max_output_pixels, "storage": storage,
-                 "gpu_share": pools["sr_gpus"] or 1.0, **guard}
+                 "gpu_share": pools["sr_gpus"] or 1.0, "time_budget_s": job.time_budget_s, **guard}
     # Min..max: a fixed cluster gets min == max (every actor up front); an autoscaling one grows GPU nodes.
     sr_pool = ActorPoolStrategy(min_size=pools["sr_actors"], max_size=pools["sr_actors_max"])
     if pools["layout"] == "fused":  # one actor holds both models: its memory is both reservations
@@ -483,7 +486,14 @@ def check_source(job: UpscaleJob) -> None:
     for what, path in parts:
         if not is_remote(path) and not os.path.exists(path):
             raise FileNotFoundError(f"{what} {path} does not exist (model source of preset {job.model.name!r})")
-    check_uris(src.paths(), job.storage)  # weights on object storage: listed here, staged by each node's actors
+    listed = check_uris(src.paths(), job.storage)  # weights on object storage: listed here, staged by each node
+    if src.sha256 is not None:  # a pinned release: every file the actors would stage needs its digest
+        paths = src.paths()
+        unpinned = [paths[name].rstrip("/") + (f"/{rel}" if rel else "") for name, files in listed.items()
+                    for rel in files if (paths[name].rstrip("/") + (f"/{rel}" if rel else "")) not in src.sha256]
+        if unpinned:
+            raise ValueError(f"{len(unpinned)} weight file(s) have no sha256 pin, e.g. {unpinned[:3]}; add them to "
+                             "the --weights-sha256 list (sha256sum output of the whole WEIGHTS folder)")
 
 
 def check_paths_reach_nodes(job: UpscaleJob) -> None:

@@ -14,7 +14,7 @@ image, share one forward (chunked to `max_batch` rows).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -54,6 +54,7 @@ def denoise(
     guidance_scale: float,
     cfg: bool,
     conditioning_scale: float = 1.0,
+    check: Callable[[], None] | None = None,
     step_noise: Sequence[torch.Tensor] | None = None,
     generators: Sequence[torch.Generator] | None = None,
     noise: Sequence[NoiseStream] | None = None,
@@ -68,7 +69,8 @@ def denoise(
     (float32 or float64), the models run in their own. `control_image` matches: (B,3,8h,8w) or one
     (3,8h,8w) per image, in [0,1]. Step noise comes from `step_noise` (one (B,...) tensor per step),
     else from per-image `noise` streams or `generators`. `tile_size`/`tile_overlap` (latent pixels)
-    tile images under `tiling_rule`. Returns latents (not divided by the VAE scaling factor) in the
+    tile images under `tiling_rule`. `check()` is called before each step (it may raise, e.g. a time
+    budget). Returns latents (not divided by the VAE scaling factor) in the
     form they came in.
     """
     stacked = isinstance(latents, torch.Tensor)
@@ -114,6 +116,8 @@ def denoise(
     chunks = [rows[s : s + max_batch] for rows in by_shape.values() for s in range(0, len(rows), max_batch)]
 
     for step, t in enumerate(timesteps):
+        if check is not None:
+            check()  # may raise (a time budget): between steps, never mid-forward
         eps = {branch: [torch.zeros_like(x) for x in xs] for branch in branches}
         for chunk in chunks:
             sel = [tiles[i] for _, i in chunk]

@@ -38,6 +38,7 @@ Public API::
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import re
@@ -156,8 +157,126 @@ def _load_image_encoder_config(path: Path) -> tuple[Any, int]:
             f"SAM2 config {path} has no model.image_encoder node with a _target_; "
             "expected a sam2 hydra config like configs/sam2.1/sam2.1_hiera_t.yaml."
         )
+    if OmegaConf.is_interpolation(model, "image_size"):
+        # Resolving it could read the environment (oc.env) into an error message.
+        raise ValueError(
+            f"refusing SAM2 config {path}: model.image_size must be a plain number, "
+            "not an interpolation."
+        )
     image_size = int(model.get("image_size", 1024) or 1024)
     return enc, image_size
+
+
+# The yaml ships with the weights and may come from a user or another tenant, so it is
+# data, not code: hydra's instantiate would call any importable ``_target_`` (e.g.
+# shutil.copyfile, builtins.open). We build the image encoder ourselves and allow only
+# the sam2 classes the released configs use, each at its own place in the tree.
+_ENCODER_TARGETS: dict[tuple[str, ...], str] = {
+    (): "sam2.modeling.backbones.image_encoder.ImageEncoder",
+    ("trunk",): "sam2.modeling.backbones.hieradet.Hiera",
+    ("neck",): "sam2.modeling.backbones.image_encoder.FpnNeck",
+    ("neck", "position_encoding"): "sam2.modeling.position_encoding.PositionEmbeddingSine",
+}
+# Arguments refused even on allowed classes: Hiera(weights_path=...) torch.loads a file
+# the config names (a pickle), which no released config uses.
+_REFUSED_KWARGS = {"sam2.modeling.backbones.hieradet.Hiera": {"weights_path"}}
+_ALLOWED_MSG = (
+    "only sam2 image-encoder classes are allowed (ImageEncoder at model.image_encoder, "
+    "Hiera at .trunk, FpnNeck at .neck, PositionEmbeddingSine at .neck.position_encoding), "
+    "with plain values as arguments; the config is not trusted to run code"
+)
+
+
+def _where(keys: tuple[str, ...]) -> str:
+    return ".".join(("model", "image_encoder") + keys)
+
+
+def _check_encoder_tree(node: Any, path: PathLike, keys: tuple[str, ...] = ()) -> None:
+    """Raise ValueError unless ``node`` (plain containers of ``model.image_encoder``,
+    interpolations unresolved) only names allowed targets at their places."""
+    if isinstance(node, str) and "${" in node:
+        # An interpolation could splice in an unchecked node or read the environment.
+        raise ValueError(
+            f"refusing SAM2 config {path}: {_where(keys)} is the interpolation {node!r}; "
+            f"interpolations are not allowed in model.image_encoder; {_ALLOWED_MSG}."
+        )
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            _check_encoder_tree(item, path, keys + (str(i),))
+        return
+    if not isinstance(node, dict):
+        return
+    for key in node:
+        name = str(key)
+        if name != "_target_" and name.startswith("_") and name.endswith("_"):
+            # hydra options (_partial_, _args_, _recursive_, _convert_, ...) change what
+            # gets called; our builder has no such options.
+            raise ValueError(
+                f"refusing SAM2 config {path}: {_where(keys)} sets the hydra option "
+                f"{name}; {_ALLOWED_MSG}."
+            )
+    allowed = _ENCODER_TARGETS.get(keys)
+    if "_target_" in node:
+        target = node["_target_"]
+        if target != allowed:
+            expected = f"expected {allowed}" if allowed else "no _target_ is allowed here"
+            raise ValueError(
+                f"refusing SAM2 config {path}: {_where(keys)} has _target_ {target!r} "
+                f"({expected}); {_ALLOWED_MSG}."
+            )
+        bad = sorted(_REFUSED_KWARGS.get(target, set()) & set(map(str, node)))
+        if bad:
+            raise ValueError(
+                f"refusing SAM2 config {path}: {_where(keys)} sets {', '.join(bad)} on "
+                f"{target}, which would load a file named by the config; {_ALLOWED_MSG}."
+            )
+    elif not keys:
+        raise ValueError(
+            f"refusing SAM2 config {path}: model.image_encoder has no _target_; "
+            f"expected {allowed}."
+        )
+    for key, value in node.items():
+        if key != "_target_":
+            _check_encoder_tree(value, path, keys + (str(key),))
+
+
+def _build_encoder_node(node: Any, path: PathLike, keys: tuple[str, ...] = ()) -> Any:
+    """Build a tree already passed by :func:`_check_encoder_tree` (children first, as
+    hydra's instantiate with ``_convert_="all"`` does; plain lists and dicts stay so)."""
+    if isinstance(node, list):
+        return [_build_encoder_node(v, path, keys + (str(i),)) for i, v in enumerate(node)]
+    if not isinstance(node, dict):
+        return node
+    kwargs = {
+        k: _build_encoder_node(v, path, keys + (str(k),))
+        for k, v in node.items()
+        if k != "_target_"
+    }
+    if "_target_" not in node:
+        return kwargs
+    target = node["_target_"]
+    if target != _ENCODER_TARGETS.get(keys):  # checked already; never import anything else
+        raise ValueError(f"refusing SAM2 config {path}: {_where(keys)}; {_ALLOWED_MSG}.")
+    module, _, name = target.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise ValueError(
+            f"SAM2 config {path}: building {_where(keys)} ({target}) failed: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _build_image_encoder(enc_cfg: Any, path: PathLike) -> nn.Module:
+    """Check the whole ``model.image_encoder`` tree against the allow-list, then build
+    it without hydra (so hydra is not in the trust path)."""
+    from omegaconf import OmegaConf
+
+    # resolve=False: interpolations are refused, never evaluated.
+    tree = OmegaConf.to_container(enc_cfg, resolve=False)
+    _check_encoder_tree(tree, path)
+    return _build_encoder_node(tree, path)
 
 
 # --------------------------------------------------------------------------- module
@@ -202,14 +321,17 @@ class SemanticEncoder(nn.Module):
     def from_config(cls, config: PathLike = DEFAULT_CONFIG) -> "SemanticEncoder":
         """Random-init encoder from a sam2 hydra yaml (see :func:`resolve_config`).
 
-        Only ``model.image_encoder`` (instantiated with ``hydra.utils.instantiate``) and
-        ``model.image_size`` (default 1024) are read; the rest of SAM2 is not built.
+        Only ``model.image_encoder`` and ``model.image_size`` (default 1024) are read;
+        the rest of SAM2 is not built. The yaml is treated as untrusted data: the
+        encoder is built without hydra, and only the sam2 classes ImageEncoder, Hiera,
+        FpnNeck and PositionEmbeddingSine, each at its place in the released configs,
+        may be named by ``_target_``; anything else (other targets, hydra options such
+        as ``_partial_``/``_args_``, interpolations, Hiera's ``weights_path``) raises
+        ValueError before anything is built.
         """
-        from hydra.utils import instantiate
-
         path = resolve_config(config)
         enc_cfg, image_size = _load_image_encoder_config(path)
-        image_encoder = instantiate(enc_cfg, _convert_="all")
+        image_encoder = _build_image_encoder(enc_cfg, path)
         if not isinstance(image_encoder, nn.Module):
             raise ValueError(
                 f"model.image_encoder in {path} built a {type(image_encoder).__name__}, "

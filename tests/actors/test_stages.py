@@ -86,10 +86,10 @@ def test_sr_stage_isolates_an_image_that_fails(tiny_cache, monkeypatch):
     tokens = np.zeros((256, 256), np.float16)
     real = stage.upscaler.upscale
 
-    def upscale(requests):
+    def upscale(requests, deadline=None):
         if any(r.image.shape == (9, 9, 3) for r in requests):
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real(requests)
+        return real(requests, deadline)
 
     monkeypatch.setattr(stage.upscaler, "upscale", upscale)
     bad = np.zeros((9, 9, 3), np.uint8)
@@ -128,6 +128,43 @@ def test_sr_stage_refuses_outputs_over_the_pixel_limit(tiny_cache):
     out = stage({"image_id": ["x"], "image": [big], "tokens": [tokens], "prompt": ["p"],
                  "error_type": [""], "error_message": [""], "stage": [""]})
     assert out["error_type"][0] == "TooLarge" and "max_output_pixels" in out["error_message"][0]
+
+
+def test_sr_stage_gives_an_image_past_its_time_budget_an_error_row(tiny_cache, monkeypatch):
+    """A small file can ask for hours of denoising (a huge output): past the budget the GPU moves on."""
+    import time as clock
+
+    stage = SRStage(get_preset("tiny"), time_budget_s=0.05)
+    tokens = np.zeros((256, 256), np.float16)
+    real_denoise = stage.upscaler.denoise
+
+    def slow_denoise(requests, check=None):
+        if any(r.image.shape == (12, 12, 3) for r in requests):
+            clock.sleep(0.1)  # the slow image: its steps start after the deadline
+        return real_denoise(requests, check=check)
+
+    monkeypatch.setattr(stage.upscaler, "denoise", slow_denoise)
+    small, slow = np.zeros((8, 8, 3), np.uint8), np.zeros((12, 12, 3), np.uint8)
+    stage.time_budget_s = 30.0  # the small image alone finishes well within any budget
+    out = stage({"image_id": ["a"], "image": [small], "tokens": [tokens], "prompt": ["p"],
+                 "error_type": [""], "error_message": [""], "stage": [""]})
+    assert out["error_type"] == [""]
+    stage.time_budget_s = 0.05
+    out = stage({"image_id": ["b"], "image": [slow], "tokens": [tokens], "prompt": ["p"],
+                 "error_type": [""], "error_message": [""], "stage": [""]})
+    assert out["error_type"] == ["TimeBudgetExceeded"] and "time_budget_s=0.05" in out["error_message"][0]
+
+
+def test_read_stage_never_fetches_past_the_byte_limit(tmp_path):
+    from cluster.storage import read_bytes
+
+    (tmp_path / "big.png").write_bytes(b"x" * 1000)
+    (tmp_path / "ok.png").write_bytes(b"y" * 100)
+    out = ReadStage(max_bytes=500)({"image_id": ["a", "b"], "src_uri": [f"file://{tmp_path}/big.png",
+                                                                       f"file://{tmp_path}/ok.png"]})
+    assert out["error_type"] == ["TooLarge", ""] and "max_input_bytes=500" in out["error_message"][0]
+    assert out["src_bytes"].tolist() == [0, 100]
+    assert read_bytes(f"{tmp_path}/ok.png", max_bytes=100) == b"y" * 100, "exactly the limit is fine"
 
 
 def test_semantic_stage_prompt_sources(tiny_cache):

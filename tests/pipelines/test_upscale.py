@@ -165,13 +165,21 @@ def test_s3_source_and_destination(ray_local, tmp_path, s3, s3_endpoint):
     assert "out/_runs/latest/summary.json" in keys and not [k for k in keys if "_manifest" in k and not k.endswith(".parquet")]
     img = Image.open(io.BytesIO(s3.get_object(Bucket="dst", Key="out/a/2.png")["Body"].read()))
     assert img.size == (48, 32)
-    # a URI list with an object deleted after listing: an error row, the job goes on
-    s3.put_object(Bucket="src", Key="list.txt", Body=b"s3://src/photos/a/0.png\ns3://src/photos/a/gone.png\n")
+    # a URI list with an object deleted after listing: an error row, the job goes on; rows naming another
+    # bucket or a local file (readable by the cluster's identity) are refused, never read (docs/cluster.md)
+    s3.create_bucket(Bucket="other")
+    s3.put_object(Bucket="other", Key="secret.png", Body=s3.get_object(Bucket="src", Key="photos/a/1.png")["Body"].read())
+    local = tmp_path / "local.png"
+    rng_image(8, 8, 0).save(local)
+    s3.put_object(Bucket="src", Key="list.txt", Body=f"s3://src/photos/a/0.png\ns3://src/photos/a/gone.png\n"
+                  f"s3://other/secret.png\nfile://{local}\n".encode())
     summary = run_upscale(job("s3://src/list.txt", "s3://dst/out2", storage=storage))
-    assert summary["by_status"] == {"ok": 1, "error": 1}
+    assert summary["by_status"] == {"ok": 1, "error": 3}
     table = read_manifest("s3://dst/out2", UpscaleJob.model_fields["storage"].default.model_copy(update=storage))
-    bad = [r for r in table.to_pylist() if r["status"] == "error"][0]
-    assert bad["stage"] == "read" and "gone.png" in bad["error_message"]
+    bad = {r["src_uri"].rsplit("/", 1)[-1]: r for r in table.to_pylist() if r["status"] == "error"}
+    assert bad["gone.png"]["stage"] == "read" and "gone.png" in bad["gone.png"]["error_message"]
+    for name in ("secret.png", "local.png"):
+        assert bad[name]["error_type"] == "RefusedSource" and "outside the allowed sources" in bad[name]["error_message"]
     assert "testing" not in json.dumps(table.to_pylist(), default=str), "no credentials in the manifest"
 
 
