@@ -139,3 +139,38 @@ def test_dockerfile_is_the_pinned_ray_gpu_image_installing_like_install_sh():
     ours, script = pip_installs(docker), pip_installs((ROOT / "scripts/install.sh").read_text())
     assert ours[:2] == script[:2], "torch first, then sam2 built against it, same pins and flags"
     assert script[2] == '-e .[test]' and ours[2] == ".", "then this package (in the image: no test extra, not editable)"
+
+
+def test_launcher_nodes_allow_imdsv2_only_with_one_hop():
+    cfg = load(ROOT / "cluster/launcher/aws.yaml")
+    for name, node in cfg["available_node_types"].items():
+        meta = node["node_config"].get("MetadataOptions")
+        assert meta == {"HttpTokens": "required", "HttpPutResponseHopLimit": 1, "HttpEndpoint": "enabled"}, name
+
+
+def _egress_allows(policy: dict, ip: str, port: int) -> bool:
+    """Whether a NetworkPolicy's egress rules let a pod reach ip:port outside the cluster (ipBlock rules)."""
+    import ipaddress
+
+    addr = ipaddress.ip_address(ip)
+    for rule in policy["spec"]["egress"]:
+        ports = [p["port"] for p in rule.get("ports", [])]
+        if ports and port not in ports:
+            continue
+        for peer in rule.get("to", []):
+            block = peer.get("ipBlock")
+            if block and addr in ipaddress.ip_network(block["cidr"]) and \
+                    not any(addr in ipaddress.ip_network(e) for e in block.get("except", [])):
+                return True
+    return False
+
+
+def test_the_egress_policy_keeps_ray_pods_off_metadata_and_private_networks():
+    policy = load(ROOT / "cluster/kuberay/networkpolicy.yaml")
+    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["policyTypes"] == ["Egress"]
+    # it selects the pods KubeRay labels (every Ray pod carries ray.io/node-type)
+    assert {"key": "ray.io/node-type", "operator": "Exists"} in policy["spec"]["podSelector"]["matchExpressions"]
+    assert _egress_allows(policy, "52.216.1.1", 443), "S3 over HTTPS"
+    for ip in ("169.254.169.254", "10.0.0.5", "172.20.0.1", "192.168.1.1", "127.0.0.1", "100.64.0.1"):
+        assert not _egress_allows(policy, ip, 443) and not _egress_allows(policy, ip, 80), ip
+    assert not _egress_allows(policy, "52.216.1.1", 80), "plain HTTP is not needed"

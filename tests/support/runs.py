@@ -16,7 +16,7 @@ from PIL import Image
 from cluster.storage import StorageConfig
 import pyarrow.parquet as pq
 
-from pipelines.upscale.listing import commit_listing, list_inputs, listing_part_uri, write_parquet_uri
+from pipelines.upscale.listing import commit_listing, list_inputs, listing_part_uri, new_listing_id, write_parquet_uri
 from pipelines.upscale.manifest import run_dir, to_table, write_summary
 
 RNG = np.random.default_rng(7)
@@ -53,8 +53,9 @@ def fake_upscale_run(src: Path, dst: Path, *, noise: int = 4) -> dict:
     storage = StorageConfig()
     listing = list_inputs(str(src), str(dst), storage, "png")
     # The listing as a run keeps it: one shard under _state/listing/<id>/, committed by _state/listing.json.
-    write_parquet_uri(listing_part_uri(str(dst), "l1", 0), listing, storage)
-    commit_listing(str(dst), storage, {"src": str(src), "format": "png", "buckets": 1, "listing_id": "l1",
+    listing_id = new_listing_id()  # 12 hex digits: ids of another form in DST/_state are ignored
+    write_parquet_uri(listing_part_uri(str(dst), listing_id, 0), listing, storage)
+    commit_listing(str(dst), storage, {"src": str(src), "format": "png", "buckets": 1, "listing_id": listing_id,
                                        "images": len(listing)}, None)
     start = dt.datetime(2026, 11, 29, 12, 0, tzinfo=dt.timezone.utc)
     first, second = [], []  # the rows of each run
