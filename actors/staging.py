@@ -29,6 +29,14 @@ def stage_source(source: ModelSource, storage: StorageConfig | None = None,
     return source.model_copy(update=staged) if staged else source
 
 
+def staged_path(uri: str | None, storage: StorageConfig | dict | None = None) -> str | None:
+    """A local copy of one file or folder given as a URI (staged once per node); local paths as they are."""
+    storage = storage if isinstance(storage, StorageConfig) else StorageConfig.model_validate(storage or {})
+    if uri is None:
+        return None
+    return stage_uris({"path": uri}, storage, default_cache_dir() / "staged").get("path", uri)
+
+
 def staged_model(config: ModelConfig, storage: StorageConfig | dict | None = None) -> ModelConfig:
     """A resolved ModelConfig whose source is all local (what an actor loads from)."""
     storage = storage if isinstance(storage, StorageConfig) else StorageConfig.model_validate(storage or {})

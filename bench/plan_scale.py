@@ -101,7 +101,7 @@ def main() -> None:
     import ray
 
     work = Path(tempfile.mkdtemp(prefix="ugcsr-plan-"))
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     address = ray.get_runtime_context().gcs_address
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": address}
     rows = []

@@ -41,7 +41,9 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
     # Logical CPUs: GPU-less stage actors and IO tasks share cores; too few slots
     # makes Ray Data stall (see docs/pipeline.md), so never fewer than 4.
     cpus = num_cpus or max(4, os.cpu_count() or 1)
-    ray.init(num_cpus=cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False,
+    # address="local": a new embedded Ray. A bare ray.init() would join whatever /tmp/ray/ray_current_cluster
+    # names, a record a killed `ray start --head` leaves behind, and then refuse num_cpus.
+    ray.init(address="local", num_cpus=cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False,
              logging_level=LOGGING_LEVEL)
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     return "local"
@@ -126,3 +128,16 @@ def spans_machines() -> bool:
         return True
     here = local_addresses()
     return any(n.address not in here for n in alive_nodes())
+
+
+def check_local_paths_reach_nodes(paths: list[tuple[str, str | None]], shared_fs: bool) -> None:
+    """Local paths ((what, path) pairs) on a cluster of several machines mean another disk on each node:
+    refused unless the caller says every node mounts them (--shared-fs). URIs (s3://...) always pass."""
+    if shared_fs or not spans_machines():
+        return
+    local = [(what, p) for what, p in paths if p and ("://" not in p or p.startswith("file://"))]
+    if local:
+        names = ", ".join(f"{what} {p}" for what, p in local)
+        raise ValueError(f"{names}: a local path on a multi-node Ray cluster means a different disk on each node; "
+                         "use object storage (s3://...) or, if it is a filesystem every node mounts at the same "
+                         "path, pass --shared-fs")

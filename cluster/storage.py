@@ -102,7 +102,8 @@ def join(base: str, *parts: str) -> str:
     part would replace the base (os.path.join), `..` climbs out of it, `://` or `::` names another store.
     """
     for part in parts:
-        check_relative(part)
+        if part != "":  # join(base, "") is base with a trailing separator
+            check_relative(part)
     return posixpath.join(base.rstrip("/"), *parts) if is_remote(base) else os.path.join(base, *parts)
 
 

@@ -12,7 +12,7 @@ from .common import EXIT_JOB, echo_result, err_console, fail, given, load_config
 
 OPTION_OF = {("trainset",): "trainset", ("run",): "run", ("workers",): "workers", ("gpus_per_worker",): "gpus_per_worker",
              ("recipe", "batch_size"): "batch_size", ("recipe", "grad_accum"): "grad_accum", ("recipe", "lr"): "lr",
-             ("recipe", "seed"): "seed", ("recipe", "init"): "init", ("max_steps",): "max_steps",
+             ("recipe", "seed"): "seed", ("recipe", "init"): "init", ("recipe", "seesr_init"): "seesr_init", ("max_steps",): "max_steps",
              ("checkpoint_every",): "checkpoint_every", ("validate_every",): "validate_every",
              ("address",): "address", ("storage", "endpoint_url"): "endpoint_url"}  # job field -> its option
 
@@ -25,7 +25,14 @@ def train(
                    "weights, for trials) is the default without --weights"),
     weights: Optional[str] = typer.Option(None, help="folder or s3:// prefix with the released weights; needs --preset"),
     init: Optional[Literal["released", "paper"]] = typer.Option(
-        None, help="released (the checkpoint as is) | paper (SD-2-base UNet + its image_attentions)"),
+        None, help="released (the checkpoint as is) | paper (the authors' start: SD-2-base UNet + --seesr-init's "
+                   "image_attentions and ControlNet)"),
+    seesr_init: Optional[str] = typer.Option(
+        None, "--seesr-init", help="--init paper: the public SeeSR checkpoint (folder or s3:// with unet/ and "
+                                   "controlnet/, the authors' preset/models/seesr)"),
+    allow_cpu: bool = typer.Option(False, "--allow-cpu", help="train a full-size preset on a cluster without GPUs"),
+    shared_fs: bool = typer.Option(False, "--shared-fs", help="local TRAINSET/RUN/weights are on a filesystem every "
+                                                              "node mounts"),
     config: Optional[Path] = typer.Option(None, help="train job YAML (examples/train.yaml); options given here override it"),
     workers: Optional[int] = typer.Option(None, help="training workers (one DDP rank each)"),
     gpus_per_worker: Optional[float] = typer.Option(None, help="default: 1 if the cluster has GPUs, else 0 (CPU, gloo)"),
@@ -51,6 +58,8 @@ def train(
         raise typer.BadParameter("--weights needs --preset wild or --preset synthetic; tiny is the random-weights "
                                  "test model", param_hint="'--preset'")
     data = load_config(config)
+    if seesr_init is not None and "://" not in seesr_init:  # workers may run in another directory
+        seesr_init = str(Path(seesr_init).expanduser().absolute())
     from pipelines.train.driver import run_train
     from pipelines.train.job import TrainJob
     from srmodel.presets import get_preset
@@ -61,10 +70,12 @@ def train(
     model = get_preset(preset or "tiny", source).model_dump(mode="json")
     data["model"] = merge(model, data.get("model") or {})
     data["recipe"] = {**(data.get("recipe") or {}),
-                      **given(batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed, init=init)}
+                      **given(batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed, init=init,
+                              seesr_init=seesr_init)}
     data.update(given(trainset=trainset, run=run, workers=workers, address=address, gpus_per_worker=gpus_per_worker,
                       max_steps=max_steps, checkpoint_every=checkpoint_every, validate_every=validate_every,
-                      shuffle=False if no_shuffle else None))
+                      shuffle=False if no_shuffle else None, allow_cpu=allow_cpu or None,
+                      shared_fs=shared_fs or None))
     console = err_console()
     run_command(TrainJob, data, option_of=OPTION_OF, options=options, config=config, endpoint_url=endpoint_url,
                 print_config=print_config, dry_run=False, plan=None,

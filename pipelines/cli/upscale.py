@@ -78,13 +78,16 @@ def _storage(data: dict, endpoint_url: str | None):
         raise typer.BadParameter(f"invalid storage settings: {err}", param_hint="'--config'") from err
 
 
-def with_seesr(model: dict, seesr: Path) -> dict:
-    """The model with unet/ and controlnet/ from `seesr` (the other parts as the preset or --weights give them)."""
+def with_seesr(model: dict, seesr: str, storage=None) -> dict:
+    """The model with unet/ and controlnet/ from `seesr`, a folder or URI (the other parts as the preset or
+    --weights give them)."""
+    from cluster.storage import filesystem, join
     from srmodel.stages import resolve
     from srmodel.presets import get_preset
 
     for sub in ("unet", "controlnet"):
-        if not (seesr / sub / "config.json").is_file():
+        fs, path = filesystem(join(seesr, sub, "config.json"), storage)
+        if not fs.isfile(path):
             raise typer.BadParameter(f"{seesr} has no {sub}/config.json; expected a folder with unet/ and "
                                      "controlnet/ as released (or RUN/export/checkpoint-N)", param_hint="'--seesr'")
     if model.get("source") is None and model["name"] != "tiny":
@@ -92,7 +95,7 @@ def with_seesr(model: dict, seesr: Path) -> dict:
                                  "--weights (SD-2-base, SAM2, RAM)", param_hint="'--seesr'")
     if model.get("source") is None:  # tiny: its own folder supplies everything else
         model = resolve(get_preset(model["name"])).model_dump(mode="json")
-    folder = str(seesr.resolve())
+    folder = seesr.rstrip("/") if "://" in seesr else str(Path(seesr).expanduser().resolve())
     # The revision is part of the params hash: outputs of other weights are never taken as done.
     model["source"] = {**model["source"], "seesr": folder, "revision": f"seesr:{folder}"}
     return model
@@ -112,7 +115,7 @@ def upscale(
                                        "object storage must match (docs/cluster.md)"),
     allow_cpu: bool = typer.Option(False, "--allow-cpu", help="run a full-size preset on a cluster without GPUs"),
     shared_fs: bool = typer.Option(False, "--shared-fs", help="local SRC/DST are on a filesystem every node mounts"),
-    seesr: Optional[Path] = typer.Option(None, help="folder with unet/ and controlnet/ used instead of the preset's or "
+    seesr: Optional[str] = typer.Option(None, help="folder or s3:// prefix with unet/ and controlnet/ used instead of the preset's or "
                                          "--weights' checkpoint (e.g. RUN/export/checkpoint-N of `ugcsr train`)"),
     geometry: Optional[Literal["release", "exact-size"]] = typer.Option(
         None, help="image path around the model: release (the authors' resizes and rounding, default) | exact-size "
@@ -161,7 +164,7 @@ def upscale(
         source = pinned(source, weights, weights_sha256)
     model = get_preset(preset or "tiny", source).model_dump(mode="json")
     if seesr is not None:
-        model = with_seesr(model, seesr)
+        model = with_seesr(model, seesr, _storage(data, endpoint_url))
     sampler = given(upscale=scale, prompt_source=prompt_source, fixed_tags=tags, user_prompt=prompt)
     data["model"] = merge(merge(model, data.get("model") or {}), given(dtype=dtype, geometry=geometry, sampler=sampler or None))
     data.update(given(src=src, dst=dst, address=address, limit=limit, format=fmt, cache_semantic=cache_semantic,

@@ -73,6 +73,7 @@ def dataset(job: TrainJob, paths: list[str], tokenizer_folder: str):
     ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(["unit_id", "gt_png", "lr_png", "prompt"])
     if job.shuffle:
         ds = ds.randomize_block_order(seed=job.recipe.seed)
-    return ds.map_batches(TrainDecode, fn_constructor_kwargs={"tokenizer_folder": tokenizer_folder},
+    return ds.map_batches(TrainDecode, fn_constructor_kwargs={"tokenizer_folder": tokenizer_folder,
+                                                             "storage": job.storage.model_dump(mode="json")},
                           batch_size=job.decode_batch, num_cpus=job.decode_cpus,
                           compute=ActorPoolStrategy(size=job.decode_actors))

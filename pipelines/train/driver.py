@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from cluster import ray_runtime
 from cluster.storage import StorageConfig, filesystem, join, read_bytes, write_bytes_atomic
+from cluster.weights import check_uris
 
 from .data import arrow_filesystem, dataset, held_out, list_shards, row_counts, validation_rows
 from .job import CHECKPOINT_FILES, CHECKPOINT_PREFIX, TRAIN_WORKER_MEMORY_GB, TrainJob, checkpoint_name
@@ -47,7 +48,8 @@ def _save_job(job: TrainJob) -> None:
     text = json.dumps(job.model_dump(mode="json"), indent=2)
     if fs.exists(path):
         old = json.loads(fs.cat_file(path))
-        if old.get("model") != json.loads(text)["model"] or old.get("recipe", {}).get("init") != job.recipe.init:
+        start = (old.get("recipe", {}).get("init"), old.get("recipe", {}).get("seesr_init"))
+        if old.get("model") != json.loads(text)["model"] or start != (job.recipe.init, job.recipe.seesr_init):
             raise ValueError(f"{job.run} holds a run of another model ({uri}); use a new RUN folder for it")
     write_bytes_atomic(uri, text.encode(), job.storage)
 
@@ -80,6 +82,8 @@ def run_train(job: TrainJob, *, num_cpus: int | None = None, log=print) -> dict:
 
     started = time.perf_counter()
     model = resolve(job.model)  # tiny: built here once, workers on this node reuse the cache
+    # Weights on object storage: listed here (a typo fails now), staged by each node's workers and decoders.
+    check_uris({**model.source.paths(), "seesr_init": job.recipe.seesr_init}, job.storage)
     shards = list_shards(job.trainset, job.storage)
     train_paths, held = held_out(job, shards)
     counts = row_counts(train_paths, job.storage, job.trainset)
@@ -87,6 +91,7 @@ def run_train(job: TrainJob, *, num_cpus: int | None = None, log=print) -> dict:
         raise ValueError(f"TRAINSET has {sum(counts)} training rows, fewer than workers x batch size "
                          f"({job.workers} x {job.recipe.batch_size})")
     val_rows = validation_rows(job, held) if job.val_images else []
+    _warn_if_no_prompts(job, train_paths, log)
     _save_job(job)
     for k, r in enumerate(val_rows):  # the inputs, once, to compare the checkpoints' pictures with
         from actors.decode import decode_image
@@ -94,12 +99,15 @@ def run_train(job: TrainJob, *, num_cpus: int | None = None, log=print) -> dict:
         _write_png(join(job.run, "validation", f"{k:02d}-lr.png"), decode_image(r["lr_png"])[0], job.storage)
         _write_png(join(job.run, "validation", f"{k:02d}-gt.png"), decode_image(r["gt_png"])[0], job.storage)
 
+    ray_runtime.connect(job.address, num_cpus=num_cpus)
+    ray_runtime.check_local_paths_reach_nodes(
+        [("TRAINSET", job.trainset), ("RUN", job.run), ("weights", model.source.sd_base),
+         ("--seesr-init", job.recipe.seesr_init)], job.shared_fs)
     done = _checkpoints(job)
     if done and max(done) >= job.max_steps:  # nothing to train: only make sure the latest is exported
         log(f"{job.run} is already at step {max(done)} (--max-steps {job.max_steps}): exporting only")
         return _finish(job, done[max(done)], started)
 
-    ray_runtime.connect(job.address, num_cpus=num_cpus)
     import ray.data
     import ray.train
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -107,8 +115,8 @@ def run_train(job: TrainJob, *, num_cpus: int | None = None, log=print) -> dict:
     from ray.util.queue import Queue
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    gpus = job.gpus_per_worker if job.gpus_per_worker is not None else (1.0 if ray_runtime.cluster_gpus() else 0.0)
-    ds = dataset(job, train_paths, str(Path(model.source.sd_base) / "tokenizer"))
+    gpus = worker_gpus(job, model.name, log)
+    ds = dataset(job, train_paths, join(model.source.sd_base, "tokenizer"))
     if job.materialize:
         ds = ds.materialize()
     options = ray.data.ExecutionOptions(preserve_order=not job.shuffle)
@@ -148,6 +156,37 @@ def run_train(job: TrainJob, *, num_cpus: int | None = None, log=print) -> dict:
     return _finish(job, done[max(done)], started)
 
 
+def worker_gpus(job: TrainJob, model_name: str, log=print) -> float:
+    """GPUs per worker: the user's, else 1 when the cluster has GPUs now or a GPU node type the autoscaler can add
+    (Ray Train then waits for those nodes); a full-size preset on a cluster with neither is refused unless
+    allow_cpu (it would train in fp32 on CPUs with gloo)."""
+    if job.gpus_per_worker is not None:
+        return job.gpus_per_worker
+    if ray_runtime.cluster_gpus():
+        return 1.0
+    if any(t.gpus > 0 for t in ray_runtime.autoscaling_node_types()):
+        log(f"no GPU node yet: asking for {job.workers} GPU worker(s); the autoscaler adds GPU nodes for them")
+        return 1.0
+    if model_name != "tiny" and not job.allow_cpu:
+        raise ValueError(f"preset {model_name!r} trains the full-size model and this cluster has no GPU (none now, "
+                         "and no autoscaling node type with GPUs); connect to a GPU cluster (--address), or pass "
+                         "--allow-cpu to train on CPU anyway (very slow)")
+    return 0.0
+
+
+def _warn_if_no_prompts(job: TrainJob, paths: list[str], log) -> None:
+    """A trainset built without the tagger has prompt "" everywhere: every step would train the null prompt."""
+    if not paths:
+        return
+    fs, _ = filesystem(job.trainset, job.storage)
+    with fs.open(paths[0], "rb") as f:
+        prompts = pq.read_table(f, columns=["prompt"]).column("prompt").to_pylist()
+    if prompts and not any(p for p in prompts):
+        log(f"WARNING: every prompt in {paths[0]} is empty: training would only ever see the null prompt, "
+            "unlike the authors' tag prompts. Build the trainset with prompts: `ram:` (ram_swin_large_14m.pth) "
+            "in the build-trainset job YAML captions each GT crop with RAM tags (docs/trainset.md)")
+
+
 def _checkpoints(job: TrainJob) -> dict[int, str]:
     """{step: path} of RUN's complete checkpoints (every file of one there: an upload cut short does not count)."""
     fs, root = filesystem(join(job.run, job.run_name), job.storage)
@@ -163,17 +202,33 @@ def _checkpoints(job: TrainJob) -> dict[int, str]:
 
 
 def _finish(job: TrainJob, checkpoint: str, started: float) -> dict:
-    """metrics.parquet + loss.png from the checkpoint's history, and its export."""
+    """metrics.parquet + loss.png from the checkpoint's history, and its export (in a Ray task: loading the
+    model to export it takes ~10 GB at real size, which the head node must not spend)."""
+    import ray
+
     fs, _ = filesystem(job.run, job.storage)
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in ("state.json", "metrics.parquet", "trainable.safetensors"):
-            Path(tmp, name).write_bytes(fs.cat_file(posixpath.join(checkpoint, name)))
-        state = json.loads(Path(tmp, "state.json").read_text())
-        rows = pq.read_table(Path(tmp) / "metrics.parquet").to_pylist()
-        write_metrics(job.run, rows, job.storage)
-        export = export_checkpoint(job.run, tmp, state["step"], job.storage)
+    state = json.loads(fs.cat_file(posixpath.join(checkpoint, "state.json")))
+    rows = pq.read_table(io.BytesIO(fs.cat_file(posixpath.join(checkpoint, "metrics.parquet")))).to_pylist()
+    write_metrics(job.run, rows, job.storage)
+    memory = TRAIN_WORKER_MEMORY_GB if job.model.name != "tiny" else 0.0
+    task = ray.remote(num_cpus=1, max_retries=1, **({"memory": memory * 2**30} if memory else {}))(export_from)
+    export = ray.get(task.remote(job.run, uri_of_checkpoint(job, checkpoint), state["step"], job.storage))
     return {"step": state["step"], "export": export, "checkpoint": checkpoint_name(state["step"]),
             "steps_logged": len(rows), "wall_s": round(time.perf_counter() - started, 2)}
+
+
+def uri_of_checkpoint(job: TrainJob, path: str) -> str:
+    """A checkpoint folder as _checkpoints lists it (a path in RUN's filesystem) as a URI any node can read."""
+    fs, _ = filesystem(job.run, job.storage)
+    return fs.unstrip_protocol(path) if "://" in job.run else path
+
+
+def export_from(run: str, checkpoint: str, step: int, storage: StorageConfig) -> str:
+    """Export RUN's checkpoint folder `checkpoint` (a URI or path); runs wherever it is called (a Ray task)."""
+    fs, path = filesystem(checkpoint, storage)
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "trainable.safetensors").write_bytes(fs.cat_file(posixpath.join(path, "trainable.safetensors")))
+        return export_checkpoint(run, tmp, step, storage)
 
 
 def export_checkpoint(run: str, folder: str | Path, step: int, storage: StorageConfig) -> str:
@@ -187,10 +242,15 @@ def export_checkpoint(run: str, folder: str | Path, step: int, storage: StorageC
     fs, path = filesystem(target, storage)
     if fs.exists(posixpath.join(path, "controlnet", "config.json")) and fs.exists(posixpath.join(path, "unet", "config.json")):
         return target  # never overwritten: the same step always holds the same weights
+    from actors.staging import staged_model, staged_path
+
     saved = TrainJob.model_validate(json.loads(read_bytes(join(run, "train_job.json"), storage)))
+    # The weights it starts from, staged on this node when they are on object storage.
+    recipe = saved.recipe.model_copy(update={"seesr_init": staged_path(saved.recipe.seesr_init, storage)})
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "export"
-        export_pretrained(resolve(saved.model), saved.recipe, load_file(str(Path(folder) / "trainable.safetensors")), local)
+        export_pretrained(staged_model(resolve(saved.model), storage), recipe,
+                          load_file(str(Path(folder) / "trainable.safetensors")), local)
         for file in sorted(local.rglob("*")):
             if file.is_file():
                 write_bytes_atomic(join(target, *file.relative_to(local).parts), file.read_bytes(), storage)

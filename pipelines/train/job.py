@@ -50,6 +50,10 @@ class TrainJob(BaseModel):
     keep_checkpoints: int | None = Field(None, ge=1, description="keep only the newest N (default: all)")
     log_every: int = Field(1, ge=1, description="optimizer steps between progress lines")
     run_name: str = Field("train", pattern=r"^[A-Za-z0-9_.-]+$")
+    allow_cpu: bool = Field(False, description="train a full-size preset on a cluster with no GPU and no GPU node "
+                                               "type (very slow, fp32 on gloo)")
+    shared_fs: bool = Field(False, description="local TRAINSET/RUN/weights paths are on a filesystem every node "
+                                               "mounts at the same path")
     storage: StorageConfig = StorageConfig()
     address: str | None = None
 

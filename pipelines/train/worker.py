@@ -8,6 +8,7 @@ pictures from rank 0. Ray Train pickles `train_loop` by reference: it stays a mo
 from __future__ import annotations
 
 import io
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -119,17 +120,19 @@ def train_loop(config: dict) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
+    from actors.staging import staged_model, staged_path
     from srmodel.stages import resolve
     from srmodel.train import Trainer, load_train_parts
 
     job = TrainJob.model_validate(config["job"])
-    recipe = job.recipe
+    # Weights on object storage (--weights / --seesr-init s3://...) are staged once per node, as upscale's actors do.
+    recipe = job.recipe.model_copy(update={"seesr_init": staged_path(job.recipe.seesr_init, job.storage)})
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cpu":  # Ray pins workers to OMP_NUM_THREADS=1
         torch.set_num_threads(max(1, int(job.cpus_per_worker)))
-    parts = load_train_parts(resolve(job.model), recipe, device)
+    parts = load_train_parts(staged_model(resolve(job.model), job.storage), recipe, device)
     model = ray.train.torch.prepare_model(parts.model, parallel_strategy_kwargs={"find_unused_parameters": False})
     trainer = Trainer(parts, recipe, device, model=model)
 
@@ -189,7 +192,12 @@ def train_loop(config: dict) -> None:
                                        "grad_accum": recipe.grad_accum, "seed": recipe.seed})
                     pq.write_table(pa.Table.from_pylist(rows, schema=METRICS_SCHEMA), Path(tmp) / "metrics.parquet")
                     if config.get("val_rows") and step % validate_every == 0:
-                        _validate(parts, trainer, config["val_rows"], Path(tmp) / "validation")
+                        try:  # best effort: a failing validation must never cost the checkpoint it belongs to
+                            _validate(parts, trainer, config["val_rows"], Path(tmp) / "validation")
+                        except Exception as err:  # noqa: BLE001 - logged, training goes on
+                            shutil.rmtree(Path(tmp) / "validation", ignore_errors=True)
+                            if queue is not None:
+                                queue.put_nowait(f"validation at step {step} failed (checkpoint kept): {err!r}")
                     ckpt = Checkpoint.from_directory(tmp)
                 ray.train.report({"step": step, "loss": loss, "epoch": epoch}, checkpoint=ckpt,
                                  checkpoint_dir_name=name)

@@ -498,16 +498,10 @@ def check_source(job: UpscaleJob) -> None:
 
 def check_paths_reach_nodes(job: UpscaleJob) -> None:
     """Local SRC/DST/cache/weights paths mean another disk on another machine: refuse unless --shared-fs."""
-    if job.shared_fs or not ray_runtime.spans_machines():
-        return
     src = job.model.source
-    local = [(what, p) for what, p in (("SRC", job.src), ("DST", job.dst), ("--cache-semantic", job.cache_semantic),
-                                      ("weights", src.sd_base if src else None)) if p and not is_remote(p)]
-    if local:
-        names = ", ".join(f"{what} {p}" for what, p in local)
-        raise ValueError(f"{names}: a local path on a multi-node Ray cluster means a different disk on each node; "
-                         "use object storage (s3://...) or, if it is a filesystem every node mounts at the same "
-                         "path, pass --shared-fs")
+    ray_runtime.check_local_paths_reach_nodes(
+        [("SRC", job.src), ("DST", job.dst), ("--cache-semantic", job.cache_semantic),
+         ("weights", src.sd_base if src else None)], job.shared_fs)
 
 
 def _model_id(job: UpscaleJob) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class TrainRecipe(BaseModel):
@@ -16,9 +16,12 @@ class TrainRecipe(BaseModel):
     init: Literal["released", "paper"] = Field(
         "released",
         description="released: unet/ and controlnet/ of the model source's checkpoint as they are (continue "
-        "fine-tuning); paper: the authors' start, SD-2-base UNet (sd_base/unet) + the checkpoint's "
-        "image_attentions, the checkpoint's whole ControlNet",
+        "fine-tuning); paper: the authors' start, the public SeeSR checkpoint (`seesr_init`): SD-2-base UNet "
+        "(sd_base/unet) + SeeSR's image_attentions, SeeSR's whole ControlNet",
     )
+    seesr_init: str | None = Field(
+        None, description="init=paper: the public SeeSR checkpoint folder or URI with unet/ and controlnet/ "
+        "(the authors' preset/models/seesr)")
     batch_size: int = Field(1, ge=1, description="per worker, per micro-batch (authors: 1)")
     grad_accum: int = Field(2, ge=1, description="micro-batches per optimizer step (authors: 2)")
     lr: float = Field(5e-5, gt=0, description="constant after warm-up (authors: 5e-5, constant, no scaling)")
@@ -43,6 +46,17 @@ class TrainRecipe(BaseModel):
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (authors: off)")
     null_text_ratio: float = Field(0.5, ge=0, le=1, description="share of samples trained with the empty prompt")
     seed: int = Field(0, description="all randomness (noise, t, null text, VAE sample) derives from it per sample")
+
+    @model_validator(mode="after")
+    def _paper_needs_seesr(self):
+        if self.init == "paper" and not self.seesr_init:
+            raise ValueError("init=paper starts where the authors did, from the public SeeSR checkpoint: give "
+                             "seesr_init (--seesr-init FOLDER with SeeSR's unet/ and controlnet/, their "
+                             "preset/models/seesr)")
+        if self.init == "released" and self.seesr_init:
+            raise ValueError("seesr_init is the start of init=paper; init=released continues from the model "
+                             "source's checkpoint: drop one of them")
+        return self
 
     def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
         mp = self.mixed_precision

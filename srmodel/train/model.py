@@ -86,16 +86,21 @@ def load_trainable_state(model: SRTrainModel, state: dict[str, torch.Tensor], so
             params[n].copy_(state[n].to(params[n].dtype))
 
 
-def load_unet(config: ModelConfig, init: str, *, device=None) -> SemanticUNet:
-    """`released`: the checkpoint's unet/. `paper`: SD-2-base UNet weights + the checkpoint's image_attentions.
+def load_unet(config: ModelConfig, init: str, *, seesr_init: str | None = None, device=None) -> SemanticUNet:
+    """`released`: the checkpoint's unet/. `paper`: SD-2-base UNet weights + `seesr_init`'s image_attentions.
 
     The paper start is what the authors' `from_pretrained_orig` did (METHOD.md 3.1): the SD
-    weights come from stable-diffusion-2-base/unet, only `image_attentions` keys from SeeSR.
+    weights come from stable-diffusion-2-base/unet, only `image_attentions` keys from the public
+    SeeSR checkpoint (whose image_attentions were trained on RAM embeddings; SAM tokens duplicated to
+    512 channels fit them). Loaded strictly: a SeeSR folder without those keys is an error, where
+    the authors' `strict=False` would have left them random.
     """
     src = config.source
     if init == "released":
         return SemanticUNet.from_pretrained(src.seesr, subfolder="unet", torch_dtype=torch.float32, device=device)
-    seesr = Path(src.seesr) / "unet"
+    if not seesr_init:
+        raise ValueError("init=paper needs seesr_init: the public SeeSR checkpoint folder (unet/ + controlnet/)")
+    seesr = Path(seesr_init) / "unet"
     sd = Path(src.sd_base) / "unet"
     if not sd.is_dir():
         raise FileNotFoundError(f"init=paper needs the SD-2-base UNet at {sd} (stabilityai/stable-diffusion-2-base unet/)")
@@ -108,6 +113,12 @@ def load_unet(config: ModelConfig, init: str, *, device=None) -> SemanticUNet:
     state = {**base, **{k: v for k, v in semantic.items() if IMAGE_ATTN in k}}
     return load_strict(lambda: SemanticUNet(**kwargs), state, f"{base_src} + image_attentions of {sem_src}",
                        dtype=torch.float32, device=device)
+
+
+def load_controlnet(config: ModelConfig, recipe: TrainRecipe) -> SemanticControlNet:
+    """The ControlNet training starts from: the checkpoint's (released) or the public SeeSR one's (paper)."""
+    folder = recipe.seesr_init if recipe.init == "paper" else config.source.seesr
+    return SemanticControlNet.from_pretrained(folder, subfolder="controlnet", torch_dtype=torch.float32)
 
 
 @dataclass
@@ -128,8 +139,8 @@ def load_train_parts(config: ModelConfig, recipe: TrainRecipe, device="cpu") -> 
     if config.source is None:
         raise ValueError("resolve the model config first (srmodel.stages.resolve)")
     src = config.source
-    unet = load_unet(config, recipe.init)
-    controlnet = SemanticControlNet.from_pretrained(src.seesr, subfolder="controlnet", torch_dtype=torch.float32)
+    unet = load_unet(config, recipe.init, seesr_init=recipe.seesr_init)
+    controlnet = load_controlnet(config, recipe)
     vae = AutoencoderKL.from_pretrained(Path(src.sd_base) / "vae")
     text = TextConditioner.from_pretrained(src.sd_base)
     encoder = SemanticEncoder.from_pretrained(src.sam2_checkpoint, src.sam2_config)
@@ -162,9 +173,7 @@ def assemble_train_parts(unet, controlnet, vae, text, encoder, scheduler, config
 def export_pretrained(config: ModelConfig, recipe: TrainRecipe, trainable: dict[str, torch.Tensor], out: str | Path) -> Path:
     """The released layout out/{unet,controlnet} (safetensors, unfolded) from a trainable state."""
     out = Path(out)
-    model = SRTrainModel(load_unet(config, recipe.init),
-                         SemanticControlNet.from_pretrained(config.source.seesr, subfolder="controlnet",
-                                                            torch_dtype=torch.float32))
+    model = SRTrainModel(load_unet(config, recipe.init, seesr_init=recipe.seesr_init), load_controlnet(config, recipe))
     load_trainable_state(model, trainable)
     model.unet.save_pretrained(out / "unet", safe_serialization=True)
     model.controlnet.save_pretrained(out / "controlnet", safe_serialization=True)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,9 +27,12 @@ pytestmark = pytest.mark.slow  # `ray start --head` and the Jobs API
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def ray_head(tmp_path):
-    """A Ray head on 127.0.0.1 with its dashboard (Jobs API) on a free port; every port chosen free."""
+@contextmanager
+def running_head(tmp_path, *, one_machine: bool = True):
+    """A Ray head with its dashboard (Jobs API) on 127.0.0.1, every port chosen free; yields (address, env, gcs port).
+
+    one_machine: Ray's single-machine mode (its GCS listens on 127.0.0.1 only, no other node may join);
+    otherwise nodes started with `ray start --address` on this machine may join it."""
     import psutil
 
     ports = {name: free_port() for name in ("port", "dashboard-port", "dashboard-agent-listen-port",
@@ -36,10 +40,11 @@ def ray_head(tmp_path):
                                             "runtime-env-agent-port", "ray-client-server-port",
                                             "node-manager-port", "object-manager-port")}
     env = {**os.environ,
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # a one-machine Ray: node address 127.0.0.1, not the NIC's
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),  # this head's own token
            "UGCSR_CACHE": str(tmp_path / "node-cache"),  # where the node stages the weights
            "PYTHONPATH": str(ROOT)}
+    if one_machine:
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # a one-machine Ray: node address 127.0.0.1, not the NIC's
     temp = tempfile.mkdtemp(prefix="ugcsr-ray-", dir="/tmp")  # short: Ray's Unix socket paths have a limit
     log = open(tmp_path / "head.log", "wb")
     cmd = [shutil.which("ray") or "ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
@@ -62,7 +67,7 @@ def ray_head(tmp_path):
                 pass
             assert time.time() < deadline, "the Ray head did not come up"
             time.sleep(1)
-        yield address, env
+        yield address, env, ports["port"]
     finally:
         family = [head.pid] + [p.pid for p in psutil.Process(head.pid).children(recursive=True)]
         os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops what it started
@@ -78,6 +83,48 @@ def ray_head(tmp_path):
                 pass
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    with running_head(tmp_path) as (address, env, _):
+        yield address, env
+
+
+@pytest.fixture
+def ray_head_with_workers(tmp_path):
+    """A head plus two worker nodes (`ray start --address`), each with its own ports and its own weights cache
+    (UGCSR_CACHE): on one machine they stand for two machines that each stage the weights."""
+    with running_head(tmp_path, one_machine=False) as (address, env, gcs):
+        workers = []
+        try:
+            for k in range(2):  # one at a time: two raylets starting at once on 2 cores missed Ray's start timeout
+                ports = {name: free_port() for name in ("node-manager-port", "object-manager-port",
+                                                        "metrics-export-port", "dashboard-agent-listen-port",
+                                                        "dashboard-agent-grpc-port", "runtime-env-agent-port")}
+                node_env = {**env, "UGCSR_CACHE": str(tmp_path / f"node-{k}-cache")}
+                log = open(tmp_path / f"worker-{k}.log", "wb")
+                cmd = [shutil.which("ray") or "ray", "start", "--block", f"--address=127.0.0.1:{gcs}",
+                       "--node-ip-address=127.0.0.1", "--num-cpus=3", "--num-gpus=0", "--disable-usage-stats",
+                       *(f"--{n}={v}" for n, v in ports.items())]
+                workers.append((subprocess.Popen(cmd, env=node_env, stdout=log, stderr=subprocess.STDOUT,
+                                                 start_new_session=True), log))
+                deadline = time.time() + 120
+                while b"Ray runtime started" not in (tmp_path / f"worker-{k}.log").read_bytes():
+                    assert workers[-1][0].poll() is None, (tmp_path / f"worker-{k}.log").read_text()[-3000:]
+                    assert time.time() < deadline, f"worker node {k} did not start"
+                    time.sleep(1)
+            yield address, env
+        finally:
+            for proc, log in workers:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                log.close()
 
 
 def ugcsr(args, env, timeout=600):
@@ -136,3 +183,46 @@ def test_submit_an_upscale_from_s3_to_s3_as_a_ray_job(ray_head, s3, s3_endpoint,
     assert ugcsr(["jobs", "status", bad_id, "--address", address], env).returncode == 1
     print(f"\nRay Jobs test: first submit returned after {t_submit:.1f} s, job done after {t_job:.1f} s, "
           f"failing job reported after {t_bad:.1f} s")
+
+
+def test_submit_a_training_run_on_a_cluster_of_three_nodes(ray_head_with_workers, s3, s3_endpoint, released_tiny,
+                                                          tmp_path):
+    """The train RayJob's entrypoint end to end: TRAINSET, RUN and weights on S3, 2 workers on a head + 2 worker
+    nodes; the export it writes to S3 upscales with --seesr s3://... as a second job."""
+    from tests.support.inputs import rng_image
+
+    address, env = ray_head_with_workers
+    env = {**env, "AWS_ENDPOINT_URL": s3_endpoint}
+    env.pop("RAY_AUTH_MODE")
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    for k in range(12):
+        rng_image(96, 80, k).save(hr / f"{k:03d}.png")
+    upload_folder(s3, hr, "data", "hr")
+    upload_folder(s3, released_tiny, "weights", "tiny")
+    s3.create_bucket(Bucket="runs")
+    (tmp_path / "ts.yaml").write_text("min_pixels: 1\nmin_file_bytes: 0\n")  # small test images pass the filters
+    built = ugcsr(["build-trainset", "s3://data/hr", "s3://data/trainset", "--crop", "64", "--shards", "2",
+                   "--config", str(tmp_path / "ts.yaml")], env, timeout=600)
+    assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-3000:]
+    train = ["train", "s3://data/trainset", "s3://runs/r1", "--preset", "tiny", "--weights", "s3://weights/tiny",
+             "--workers", "2", "--max-steps", "2", "--checkpoint-every", "2"]
+    done = ugcsr(["submit", "--address", address, "--wait", "--", *train], env, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="runs", Prefix="r1/")["Contents"]}
+    assert {"r1/export/checkpoint-2/unet/config.json", "r1/export/checkpoint-2/controlnet/config.json",
+            "r1/train/checkpoint-00000002/trainable.safetensors"} <= keys
+    staged = [p for k in range(2) for p in (tmp_path / f"node-{k}-cache").rglob(".ugcsr-staged.json")]
+    assert staged, "worker nodes staged the weights from S3 into their own caches"
+    s3.create_bucket(Bucket="inputs")
+    for k in range(2):
+        buf = io.BytesIO()
+        rng_image(20, 16, k).save(buf, "PNG")
+        s3.put_object(Bucket="inputs", Key=f"src/{k}.png", Body=buf.getvalue())
+    up = ugcsr(["submit", "--address", address, "--wait", "--", "upscale", "s3://inputs/src", "s3://runs/sr",
+                "--preset", "tiny", "--weights", "s3://weights/tiny", "--seesr", "s3://runs/r1/export/checkpoint-2"],
+               env, timeout=900)
+    assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+    rows = read_manifest("s3://runs/sr", StorageConfig(endpoint_url=s3_endpoint)).to_pylist()
+    assert sorted(r["status"] for r in rows) == ["ok", "ok"]
+    assert {r["model_id"] for r in rows} == {"tiny:seesr:s3://runs/r1/export/checkpoint-2"}

@@ -42,7 +42,7 @@ def http_server():
 
 
 @pytest.mark.parametrize("part", ["/etc", "../x", "a/../../x", "s3://other/b", "zip://a::file:///x", "~root/x",
-                                  "C:/x", "", "a/..", "..\\x"])
+                                  "C:/x", "a/..", "..\\x"])
 @pytest.mark.parametrize("base", ["/data/dst", "s3://bucket/dst"])
 def test_join_refuses_parts_that_leave_the_folder(base, part):
     with pytest.raises(ValueError, match="refusing the path part"):
@@ -153,8 +153,7 @@ def test_refused_rows_are_never_fetched_and_the_others_are(tmp_path):
     assert out["src_bytes"][0] == os.path.getsize(inside) and out["src_bytes"][1] == 0
 
 
-def test_credentials_in_uris_are_refused_and_never_recorded(tmp_path, monkeypatch):
-    from cluster import jobs
+def test_credentials_in_uris_are_refused_and_never_recorded(tmp_path):
     from pipelines.upscale.job import UpscaleJob
     from srmodel import get_preset
 

@@ -65,9 +65,7 @@ def decoded_rows(trainset, tiny_model, rows):
 
 
 def test_trainable_split_is_controlnet_and_image_attentions(tiny_model, tmp_path):
-    from srmodel.config import ModelConfig
     from srmodel.train import TrainRecipe, load_train_parts
-    from srmodel.train.model import load_unet
     from srmodel.models.unet import SemanticUNet
     from srmodel.tiny import UNET_CONFIG
     from diffusers import UNet2DConditionModel
@@ -85,16 +83,41 @@ def test_trainable_split_is_controlnet_and_image_attentions(tiny_model, tmp_path
     assert all(m.training for n, m in model.unet.named_modules() if ".image_attentions." in f".{n}.")
     assert model.unet.image_token_dim == 512  # unfolded
 
-    # init=paper: SD-2-base UNet weights + only the checkpoint's image_attentions
+    # init=paper: where the authors started (their run.sh): SD-2-base UNet weights + the image_attentions of
+    # the public SeeSR checkpoint, and SeeSR's whole ControlNet; not the release (checkpoint-90000) itself.
+    from srmodel.models.controlnet import SemanticControlNet
+
+    import shutil
+
+    shutil.copytree(tiny_model.sd_base, tmp_path / "sd")
     base = UNet2DConditionModel(**UNET_CONFIG)
     base.save_pretrained(tmp_path / "sd" / "unet")
-    paper = load_unet(ModelConfig(name="tiny", source=tiny_model.model_copy(update={"sd_base": str(tmp_path / "sd")})),
-                      "paper")
+    seesr = tmp_path / "seesr"  # stands in for preset/models/seesr: the released shapes, other weights
+    torch.manual_seed(1)
+    for sub, cls in (("unet", SemanticUNet), ("controlnet", SemanticControlNet)):
+        m = cls.from_pretrained(tiny_model.seesr, subfolder=sub)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * 0.01)
+        m.save_pretrained(seesr / sub)
+    with pytest.raises(ValueError, match="seesr-init"):
+        TrainRecipe(init="paper")
+    source = tiny_model.model_copy(update={"sd_base": str(tmp_path / "sd")})
+    paper = load_train_parts(get_preset("tiny").model_copy(update={"source": source}),
+                             TrainRecipe(init="paper", seesr_init=str(seesr))).model
     released = SemanticUNet.from_pretrained(tiny_model.seesr, subfolder="unet")
+    public_unet = SemanticUNet.from_pretrained(seesr, subfolder="unet").state_dict()
+    public_cn = SemanticControlNet.from_pretrained(seesr, subfolder="controlnet").state_dict()
+    released_cn = SemanticControlNet.from_pretrained(tiny_model.seesr, subfolder="controlnet").state_dict()
     base_state, released_state = base.state_dict(), released.state_dict()
-    for name, value in paper.state_dict().items():
-        reference = released_state[name] if ".image_attentions." in name else base_state[name]
-        assert torch.equal(value, reference), name
+    for name, value in paper.unet.state_dict().items():
+        reference = public_unet[name] if ".image_attentions." in name else base_state[name]
+        assert torch.equal(value.float(), reference), name
+    for name, value in paper.controlnet.state_dict().items():
+        assert torch.equal(value, public_cn[name]), name
+    attn = next(n for n in released_state if ".image_attentions." in n and n.endswith("weight"))
+    assert not torch.equal(paper.unet.state_dict()[attn], released_state[attn]), "paper differs from released"
+    assert any(not torch.equal(v, released_cn[n]) for n, v in paper.controlnet.state_dict().items())
 
 
 # ------------------------------------------------------------------------------------------- Ray Train
@@ -190,7 +213,9 @@ def test_overfit_resume_export(ray_local, trainset, tiny_model, tmp_path):
     before = (tmp_path / "b" / "train" / "checkpoint-00000024" / "trainable.safetensors").stat().st_mtime_ns
     lines.clear()
     assert run_train(train_job(trainset, tmp_path / "b", max_steps=24, **kw), log=lines.append)["step"] == 24
-    assert "exporting only" in lines[0] and not any(line.startswith("step ") for line in lines)
+    assert any("exporting only" in line for line in lines) and not any(line.startswith("step ") for line in lines)
+    # this trainset was built without the tagger: said loudly, with the fix
+    assert any(line.startswith("WARNING: every prompt") and "ram:" in line for line in lines)
     assert (tmp_path / "b" / "train" / "checkpoint-00000024" / "trainable.safetensors").stat().st_mtime_ns == before
     assert (tmp_path / "b" / "export" / "checkpoint-24" / "unet" / "config.json").is_file()
 
@@ -261,19 +286,24 @@ def test_worker_killed_mid_run_continues_from_last_checkpoint(ray_local, trainse
         assert state["step"] == s
 
 
-def test_cli_run_on_s3_then_upscale_with_seesr(ray_local, trainset, s3, s3_endpoint, tmp_path):
+def test_cli_run_on_s3_then_upscale_with_seesr(ray_local, trainset, s3, s3_endpoint, released_tiny, tmp_path):
+    """TRAINSET, RUN and the weights on S3: workers, decoders and the export stage the weights themselves
+    (nothing of the driver's disk is used), and the export upscales straight from S3 with --seesr."""
     import s3fs
     from typer.testing import CliRunner
 
     from pipelines.cli import app
     from srmodel.models.controlnet import SemanticControlNet
     from srmodel.models.unet import SemanticUNet
+    from tests.support.cluster_helpers import upload_folder
 
+    upload_folder(s3, trainset, "data", "trainset")
+    upload_folder(s3, released_tiny, "weights", "tiny")
     s3.create_bucket(Bucket="runs")
     runner = CliRunner()
-    res = runner.invoke(app, ["train", str(trainset), "s3://runs/tiny", "--preset", "tiny", "--workers", "2",
-                              "--max-steps", "2", "--batch-size", "1", "--checkpoint-every", "1",
-                              "--endpoint-url", s3_endpoint])
+    res = runner.invoke(app, ["train", "s3://data/trainset", "s3://runs/tiny", "--preset", "tiny",
+                              "--weights", "s3://weights/tiny", "--workers", "2", "--max-steps", "2",
+                              "--batch-size", "1", "--checkpoint-every", "1", "--endpoint-url", s3_endpoint])
     assert res.exit_code == 0, res.output
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="runs", Prefix="tiny/")["Contents"]}
     for key in ("tiny/metrics.parquet", "tiny/loss.png", "tiny/train/checkpoint-00000001/trainable.safetensors",
@@ -288,12 +318,14 @@ def test_cli_run_on_s3_then_upscale_with_seesr(ray_local, trainset, s3, s3_endpo
     SemanticControlNet.from_pretrained(local / "controlnet")
 
     out = tmp_path / "sr"
-    res = runner.invoke(app, ["upscale", str(ROOT / "samples"), str(out), "--preset", "tiny", "--seesr", str(local)])
+    export = "s3://runs/tiny/export/checkpoint-2"
+    res = runner.invoke(app, ["upscale", str(ROOT / "samples"), str(out), "--preset", "tiny", "--seesr", export,
+                              "--endpoint-url", s3_endpoint])
     assert res.exit_code == 0, res.output
     rows = [r for f in (out / "_manifest").rglob("*.parquet") for r in pq.read_table(f).to_pylist()]
     assert sorted(r["status"] for r in rows) == ["ok"] * 3
     # the weights used are on record (and part of the params hash, so resume never mixes models)
-    assert {r["model_id"] for r in rows} == {f"tiny:seesr:{local.resolve()}"}
+    assert {r["model_id"] for r in rows} == {f"tiny:seesr:{export}"}
 
 
 def test_bad_inputs_fail_with_clear_messages(tmp_path, tiny_cache):
