@@ -355,3 +355,27 @@ def test_bad_inputs_fail_with_clear_messages(tmp_path, tiny_cache):
     assert res.exit_code == 2 and "multiple of checkpoint_every" in text(res)
     res = runner.invoke(app, ["upscale", str(ROOT / "samples"), str(tmp_path / "o"), "--seesr", str(tmp_path)])
     assert res.exit_code != 0 and "unet/config.json" in text(res)
+
+
+def test_gpu_workers_on_autoscaling_clusters_and_no_silent_cpu_training(monkeypatch, tmp_path):
+    """A GPU group that starts at 0 nodes still gets GPU workers (Ray Train waits, the autoscaler adds nodes);
+    a full-size preset with no GPU anywhere is refused unless --allow-cpu."""
+    from cluster import ray_runtime
+    from cluster.ray_runtime import NodeShape
+    from pipelines.train.driver import worker_gpus
+
+    job = train_job(tmp_path / "ts", tmp_path / "run")
+    real = job.model_copy(update={"model": job.model.model_copy(update={"name": "wild"})})
+    monkeypatch.setattr(ray_runtime, "cluster_gpus", lambda: 0.0)
+    monkeypatch.setattr(ray_runtime, "autoscaling_node_types",
+                        lambda: [NodeShape(cpus=32, gpus=8, count=4, autoscaled=True)])
+    lines = []
+    assert worker_gpus(real, "wild", lines.append) == 1.0 and "autoscaler adds GPU nodes" in lines[0]
+    monkeypatch.setattr(ray_runtime, "autoscaling_node_types", lambda: [NodeShape(cpus=32, gpus=0, count=4)])
+    with pytest.raises(ValueError, match="--allow-cpu"):
+        worker_gpus(real, "wild")
+    assert worker_gpus(real.model_copy(update={"allow_cpu": True}), "wild") == 0.0
+    assert worker_gpus(job, "tiny") == 0.0, "the tiny test model trains anywhere"
+    monkeypatch.setattr(ray_runtime, "cluster_gpus", lambda: 8.0)
+    assert worker_gpus(real, "wild") == 1.0
+    assert worker_gpus(real.model_copy(update={"gpus_per_worker": 0.5}), "wild") == 0.5
