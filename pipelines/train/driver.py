@@ -51,6 +51,11 @@ def _save_job(job: TrainJob) -> None:
         start = (old.get("recipe", {}).get("init"), old.get("recipe", {}).get("seesr_init"))
         if old.get("model") != json.loads(text)["model"] or start != (job.recipe.init, job.recipe.seesr_init):
             raise ValueError(f"{job.run} holds a run of another model ({uri}); use a new RUN folder for it")
+        was = old.get("recipe", {}).get("optimizer")
+        if was not in (None, "auto", job.recipe.optimizer):  # older runs recorded `auto`
+            raise ValueError(f"{job.run} was trained with optimizer {was}, this run would use {job.recipe.optimizer} "
+                             "(its saved state cannot be resumed by another optimizer); set optimizer: "
+                             f"{was} in the recipe, or use a new RUN folder")
     write_bytes_atomic(uri, text.encode(), job.storage)
 
 
@@ -92,6 +97,13 @@ def run_train(job: TrainJob, *, num_cpus: int | None = None, log=print) -> dict:
                          f"({job.workers} x {job.recipe.batch_size})")
     val_rows = validation_rows(job, held) if job.val_images else []
     _warn_if_no_prompts(job, train_paths, log)
+    ray_runtime.connect(job.address, num_cpus=num_cpus)
+    ray_runtime.check_local_paths_reach_nodes(
+        [("TRAINSET", job.trainset), ("RUN", job.run), ("weights", model.source.sd_base),
+         ("--seesr-init", job.recipe.seesr_init)], job.shared_fs)
+    gpus = worker_gpus(job, model.name, log)
+    # One optimizer for every rank and every resume: `auto` is resolved here, once, and kept in train_job.json.
+    job = job.model_copy(update={"recipe": job.recipe.model_copy(update={"optimizer": resolved_optimizer(job, gpus)})})
     _save_job(job)
     for k, r in enumerate(val_rows):  # the inputs, once, to compare the checkpoints' pictures with
         from actors.decode import decode_image
@@ -99,10 +111,6 @@ def run_train(job: TrainJob, *, num_cpus: int | None = None, log=print) -> dict:
         _write_png(join(job.run, "validation", f"{k:02d}-lr.png"), decode_image(r["lr_png"])[0], job.storage)
         _write_png(join(job.run, "validation", f"{k:02d}-gt.png"), decode_image(r["gt_png"])[0], job.storage)
 
-    ray_runtime.connect(job.address, num_cpus=num_cpus)
-    ray_runtime.check_local_paths_reach_nodes(
-        [("TRAINSET", job.trainset), ("RUN", job.run), ("weights", model.source.sd_base),
-         ("--seesr-init", job.recipe.seesr_init)], job.shared_fs)
     done = _checkpoints(job)
     if done and max(done) >= job.max_steps:  # nothing to train: only make sure the latest is exported
         log(f"{job.run} is already at step {max(done)} (--max-steps {job.max_steps}): exporting only")
@@ -115,7 +123,6 @@ def run_train(job: TrainJob, *, num_cpus: int | None = None, log=print) -> dict:
     from ray.util.queue import Queue
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    gpus = worker_gpus(job, model.name, log)
     ds = dataset(job, train_paths, join(model.source.sd_base, "tokenizer"))
     if job.materialize:
         ds = ds.materialize()
@@ -172,6 +179,20 @@ def worker_gpus(job: TrainJob, model_name: str, log=print) -> float:
                          "and no autoscaling node type with GPUs); connect to a GPU cluster (--address), or pass "
                          "--allow-cpu to train on CPU anyway (very slow)")
     return 0.0
+
+
+def resolved_optimizer(job: TrainJob, gpus: float) -> str:
+    """`optimizer: auto` for this run: AdamW8bit on GPU workers when bitsandbytes is installed (the image has it,
+    the `train-gpu` extra), torch AdamW otherwise. Decided once here, so ranks and resumes never disagree."""
+    if job.recipe.optimizer != "auto":
+        return job.recipe.optimizer
+    if not gpus:
+        return "adamw"
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return "adamw"
+    return "adamw8bit"
 
 
 def _warn_if_no_prompts(job: TrainJob, paths: list[str], log) -> None:

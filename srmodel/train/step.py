@@ -30,6 +30,15 @@ def sample_seed(seed: int, epoch: int, key: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def sample_draws(seed: int, epoch: int, keys: list[int], null_text_ratio: float, timesteps: int):
+    """Per sample: its generator (the VAE sample and the noise are drawn from it next), the null-text coin
+    (True: the empty prompt) and t ~ U{0 .. timesteps-1}, in that order."""
+    gens = [torch.Generator().manual_seed(sample_seed(seed, epoch, k)) for k in keys]
+    drop = torch.stack([torch.rand((), generator=g) < null_text_ratio for g in gens])
+    t = torch.stack([torch.randint(0, timesteps, (), generator=g) for g in gens])
+    return gens, drop, t
+
+
 def to_unit(images: torch.Tensor) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [0, 1]."""
     return images.permute(0, 3, 1, 2).float().div(255)
@@ -79,9 +88,8 @@ class Trainer:
     def prepare(self, batch: dict, epoch: int) -> dict:
         """Frozen work on a micro-batch: latents, noise, t, text states, SAM tokens of the LR-up image."""
         p, dev = self.parts, self.device
-        gens = [torch.Generator().manual_seed(sample_seed(self.recipe.seed, epoch, k)) for k in batch["key"].tolist()]
-        drop = torch.stack([torch.rand((), generator=g) < self.recipe.null_text_ratio for g in gens])
-        t = torch.stack([torch.randint(0, p.scheduler.config.num_train_timesteps, (), generator=g) for g in gens])
+        gens, drop, t = sample_draws(self.recipe.seed, epoch, batch["key"].tolist(), self.recipe.null_text_ratio,
+                                     p.scheduler.config.num_train_timesteps)
         gt = to_unit(batch["gt"]).to(dev)
         lr_up = to_unit(batch["lr_up"]).to(dev)
         latents = vae_ops.encode(p.vae, gt, gens)  # VAE(GT in [-1, 1]).sample() * scaling factor

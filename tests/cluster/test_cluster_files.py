@@ -138,7 +138,8 @@ def test_dockerfile_is_the_pinned_ray_gpu_image_installing_like_install_sh():
     assert re.fullmatch(rf"rayproject/ray:{re.escape(ray.__version__)}-py3\d+-gpu", base), base
     ours, script = pip_installs(docker), pip_installs((ROOT / "scripts/install.sh").read_text())
     assert ours[:2] == script[:2], "torch first, then sam2 built against it, same pins and flags"
-    assert script[2] == '-e .[test]' and ours[2] == ".", "then this package (in the image: no test extra, not editable)"
+    assert script[2] == '-e .[test]' and ours[2] == ".[train-gpu]", \
+        "then this package (in the image: not editable, no test extra, the 8-bit AdamW of train-gpu)"
 
 
 def test_launcher_nodes_allow_imdsv2_only_with_one_hop():
@@ -199,3 +200,23 @@ def test_every_shipped_rayjob_entrypoint_passes_its_real_cli_check(program, s3, 
         assert printed["model"]["name"] != "tiny", "a shipped job runs the released model"
     if program == "train":
         assert printed["workers"] == 8, "one worker per GPU of the 8-GPU worker group"
+
+
+@pytest.mark.parametrize("program", ["upscale", "build-trainset", "train"])
+def test_every_example_config_is_accepted_by_its_program(program, tmp_path):
+    """examples/<program>.yaml through the real CLI up to --print-config: every key is a known setting."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli.app import app
+
+    args = {"upscale": [str(tmp_path / "in"), str(tmp_path / "out")],
+            "build-trainset": [str(tmp_path / "hr"), str(tmp_path / "ts")],
+            "train": [str(tmp_path / "ts"), str(tmp_path / "run")]}[program]
+    result = CliRunner().invoke(app, [program, *args, "--config", str(ROOT / "examples" / f"{program}.yaml"),
+                                      "--print-config"])
+    assert result.exit_code == 0, result.output
+    example = load(ROOT / "examples" / f"{program}.yaml")
+    printed = yaml.safe_load(result.output)
+    for key, value in example.items():  # what the example sets is what the job runs with
+        if not isinstance(value, dict):
+            assert printed[key] == value, key

@@ -379,3 +379,23 @@ def test_gpu_workers_on_autoscaling_clusters_and_no_silent_cpu_training(monkeypa
     monkeypatch.setattr(ray_runtime, "cluster_gpus", lambda: 8.0)
     assert worker_gpus(real, "wild") == 1.0
     assert worker_gpus(real.model_copy(update={"gpus_per_worker": 0.5}), "wild") == 0.5
+
+
+def test_the_optimizer_is_decided_once_and_a_resume_keeps_it(monkeypatch, tmp_path):
+    import types
+
+    from pipelines.train.driver import _save_job, resolved_optimizer
+
+    job = train_job(tmp_path / "ts", tmp_path / "run")
+    assert job.recipe.optimizer == "auto"
+    assert resolved_optimizer(job, 0.0) == "adamw", "CPU workers: torch AdamW"
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed
+    assert resolved_optimizer(job, 1.0) == "adamw"
+    monkeypatch.setitem(sys.modules, "bitsandbytes", types.ModuleType("bitsandbytes"))
+    assert resolved_optimizer(job, 1.0) == "adamw8bit", "GPU workers with the train-gpu extra: the authors' 8-bit AdamW"
+    first = job.model_copy(update={"recipe": job.recipe.model_copy(update={"optimizer": "adamw8bit"})})
+    _save_job(first)
+    _save_job(first)  # the same run again: fine
+    other = job.model_copy(update={"recipe": job.recipe.model_copy(update={"optimizer": "adamw"})})
+    with pytest.raises(ValueError, match="trained with optimizer adamw8bit"):
+        _save_job(other)
