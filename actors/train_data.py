@@ -31,13 +31,13 @@ def upsample_lr(lr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 class TrainDecode:
     """Callable class for map_batches: the tokenizer loads once per actor."""
 
-    def __init__(self, tokenizer_folder: str, storage: dict | None = None):
+    def __init__(self, tokenizer_folder: str | None = None, storage: dict | None = None, tokenizer=None):
         from transformers import CLIPTokenizer
 
         from .staging import staged_path
 
         # The folder may be on object storage (--weights s3://...): staged on this node first.
-        self.tokenizer = CLIPTokenizer.from_pretrained(staged_path(tokenizer_folder, storage))
+        self.tokenizer = tokenizer or CLIPTokenizer.from_pretrained(staged_path(tokenizer_folder, storage))
 
     def __call__(self, batch: dict) -> dict:
         gts, lrs, prompts, keys = [], [], [], []

@@ -76,4 +76,6 @@ def dataset(job: TrainJob, paths: list[str], tokenizer_folder: str):
     return ds.map_batches(TrainDecode, fn_constructor_kwargs={"tokenizer_folder": tokenizer_folder,
                                                              "storage": job.storage.model_dump(mode="json")},
                           batch_size=job.decode_batch, num_cpus=job.decode_cpus,
-                          compute=ActorPoolStrategy(size=job.decode_actors))
+                          # grows with the training workers (an autoscaling cluster adds CPUs with the GPU nodes)
+                          compute=ActorPoolStrategy(min_size=job.decode_actors,
+                                                    max_size=max(job.decode_actors, 2 * job.workers)))

@@ -40,7 +40,8 @@ class TrainJob(BaseModel):
                                     "ones or for the tiny preset")
     shuffle: bool = Field(True, description="block order + local shuffle buffer; false reproduces the authors")
     shuffle_buffer: int = Field(64, ge=1, description="rows in each worker's local shuffle buffer")
-    decode_actors: int = Field(2, ge=1, description="CPU actors decoding PNGs and tokenising prompts")
+    decode_actors: int = Field(2, ge=1, description="CPU actors decoding PNGs and tokenising prompts at the start; "
+                               "the pool grows to 2 per training worker when Ray Data sees it starved")
     decode_cpus: float = Field(0.5, gt=0)
     decode_batch: int = Field(8, ge=1)
     materialize: bool = Field(False, description="decode the training set once into Ray's object store; epochs "

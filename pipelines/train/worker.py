@@ -24,7 +24,8 @@ from .job import TrainJob, checkpoint_name
 
 METRICS_SCHEMA = pa.schema([("step", pa.int64()), ("loss", pa.float64()), ("lr", pa.float64()),
                             ("grad_norm", pa.float64()), ("samples_per_s", pa.float64()), ("epoch", pa.int64()),
-                            ("time", pa.float64())])
+                            ("time", pa.float64()), ("val_loss", pa.float64())])
+VAL_TIMESTEPS = (100, 300, 500, 700, 900)  # the held-out loss: epsilon-MSE at these t, fixed seeds, captions kept
 
 
 def write_metrics(run: str, rows: list[dict], storage: StorageConfig) -> None:
@@ -80,6 +81,17 @@ def _microbatches(shard, job: TrainJob, world: int, start_epoch: int, skip: int,
         epoch += 1
 
 
+def _held_out_batch(parts, val_rows: list[dict]) -> dict | None:
+    """The held-out pairs as a training micro-batch (decoded and tokenised as the data stage does)."""
+    from actors.train_data import TrainDecode
+
+    if not val_rows:
+        return None
+    cols = {c: [r[c] for r in val_rows] for c in ("gt_png", "lr_png", "prompt", "unit_id")}
+    decoded = TrainDecode(tokenizer=parts.text.tokenizer)(cols)
+    return {k: torch.from_numpy(v) for k, v in decoded.items()} if len(decoded["key"]) else None
+
+
 def _validate(parts, trainer, val_rows: list[dict], folder: Path) -> None:
     """Super-resolve the held-out LR images with the current weights (rank 0), PNGs into folder."""
     from PIL import Image
@@ -93,9 +105,12 @@ def _validate(parts, trainer, val_rows: list[dict], folder: Path) -> None:
     model = unwrap(trainer.model)
     model.eval()
     try:
-        up = SemanticUpscaler(model.unet, model.controlnet, parts.vae, parts.text, parts.config, trainer.device)
+        # At the trainset's own scale (x4 pairs are validated at x4, whatever the preset's sampler says).
+        lr0, gt0 = decode_image(val_rows[0]["lr_png"])[0], decode_image(val_rows[0]["gt_png"])[0]
+        s = parts.config.sampler.model_copy(update={"upscale": max(1, round(gt0.shape[1] / lr0.shape[1]))})
+        config = parts.config.model_copy(update={"sampler": s})
+        up = SemanticUpscaler(model.unet, model.controlnet, parts.vae, parts.text, config, trainer.device)
         up.scheduler_folder = parts.config.source.sd_base
-        s = parts.config.sampler
         folder.mkdir(parents=True, exist_ok=True)
         with torch.no_grad(), trainer.autocast():
             for k, row in enumerate(val_rows):
@@ -156,6 +171,7 @@ def train_loop(config: dict) -> None:
     skip = samples_in_epoch // (world * recipe.batch_size)
     batches = _microbatches(ray.train.get_dataset_shard("train"), job, world, epoch, skip, per_epoch)
     samples_per_step = world * recipe.batch_size * recipe.grad_accum
+    val_batch = _held_out_batch(parts, config.get("val_rows") or []) if rank == 0 else None
     validate_every = job.validate_every or job.checkpoint_every
     started, last, first_step = time.perf_counter(), time.perf_counter(), step
 
@@ -190,6 +206,11 @@ def train_loop(config: dict) -> None:
                     trainer.save(tmp, {"step": step, "epoch": epoch, "samples_in_epoch": samples_in_epoch,
                                        "world_size": world, "batch_size": recipe.batch_size,
                                        "grad_accum": recipe.grad_accum, "seed": recipe.seed})
+                    if val_batch is not None:
+                        rows[-1]["val_loss"] = trainer.held_out_loss(val_batch, VAL_TIMESTEPS)
+                        if queue is not None:
+                            queue.put_nowait(f"held-out loss at step {step}: {rows[-1]['val_loss']:.4f} "
+                                             f"(epsilon-MSE at t = {', '.join(map(str, VAL_TIMESTEPS))})")
                     pq.write_table(pa.Table.from_pylist(rows, schema=METRICS_SCHEMA), Path(tmp) / "metrics.parquet")
                     if config.get("val_rows") and step % validate_every == 0:
                         try:  # best effort: a failing validation must never cost the checkpoint it belongs to

@@ -85,11 +85,16 @@ class Trainer:
     # ------------------------------------------------------------------ the loss
 
     @torch.no_grad()
-    def prepare(self, batch: dict, epoch: int) -> dict:
-        """Frozen work on a micro-batch: latents, noise, t, text states, SAM tokens of the LR-up image."""
+    def prepare(self, batch: dict, epoch: int, t: int | None = None, null_text: bool = True) -> dict:
+        """Frozen work on a micro-batch: latents, noise, t, text states, SAM tokens of the LR-up image.
+
+        `t` fixes the timestep and `null_text=False` keeps every caption (held-out loss); the draws of each
+        sample are made all the same, so its noise does not change with them."""
         p, dev = self.parts, self.device
-        gens, drop, t = sample_draws(self.recipe.seed, epoch, batch["key"].tolist(), self.recipe.null_text_ratio,
-                                     p.scheduler.config.num_train_timesteps)
+        gens, drop, draws = sample_draws(self.recipe.seed, epoch, batch["key"].tolist(), self.recipe.null_text_ratio,
+                                         p.scheduler.config.num_train_timesteps)
+        t = draws if t is None else torch.full_like(draws, t)
+        drop = drop & null_text
         gt = to_unit(batch["gt"]).to(dev)
         lr_up = to_unit(batch["lr_up"]).to(dev)
         latents = vae_ops.encode(p.vae, gt, gens)  # VAE(GT in [-1, 1]).sample() * scaling factor
@@ -106,6 +111,18 @@ class Trainer:
         with self.autocast():
             eps = self.model(prepared["noisy"], prepared["t"], prepared["text"], prepared["cond"], prepared["tokens"])
         return F.mse_loss(eps.float(), prepared["noise"].float())
+
+    @torch.no_grad()
+    def held_out_loss(self, batch: dict, timesteps=(100, 300, 500, 700, 900), epoch: int = -1) -> float:
+        """The epsilon-MSE of held-out pairs at fixed timesteps and seeds, captions kept: comparable across
+        checkpoints (the training loss is too noisy, t being random)."""
+        model = unwrap(self.model)
+        model.eval()
+        try:
+            losses = [float(self.loss(self.prepare(batch, epoch, t=t, null_text=False))) for t in timesteps]
+        finally:
+            model.train()
+        return sum(losses) / len(losses)
 
     def accumulate(self, microbatches: list[dict], epochs: list[int]) -> float:
         """Backward over K micro-batches (DDP syncs on the last only); returns their mean loss."""

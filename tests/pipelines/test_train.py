@@ -191,6 +191,10 @@ def test_overfit_resume_export(ray_local, trainset, tiny_model, tmp_path):
     first, last = np.mean([r["loss"] for r in rows[:10]]), np.mean([r["loss"] for r in rows[-10:]])
     print(f"overfit: mean loss of the first 10 steps {first:.4f}, of the last 10 {last:.4f}")
     assert last < 0.9 * first
+    # the held-out loss (fixed t and seeds) at each checkpoint, and only there
+    held = {r["step"]: r["val_loss"] for r in rows if r["val_loss"] is not None}
+    assert sorted(held) == [12, 24] and all(v > 0 for v in held.values())
+    assert (tmp_path / "a" / "train" / "checkpoint-00000024" / "validation" / "00-sr.png").is_file()
 
     # resume: 12 steps, then the same command with 24 goes on from step 12, optimizer state included
     lines = []
@@ -231,6 +235,16 @@ def test_overfit_resume_export(ray_local, trainset, tiny_model, tmp_path):
         else:
             assert torch.equal(value, start_unet[name]), f"frozen {name} changed"
     assert all(not torch.equal(v, start_cn[n]) for n, v in controlnet.state_dict().items())
+    # the export's configs carry every key the authors' classes write (their parity reference files); the only
+    # others are what later diffusers versions added, at the values that build the same model in either version
+    reference = Path(__file__).parents[1] / "data" / "reference" / "parity"
+    newer = {"dropout": 0.0, "reverse_transformer_layers_per_block": None, "mid_block_type": "UNetMidBlock2DCrossAttn"}
+    for sub in ("unet", "controlnet"):
+        ours = json.loads((export / sub / "config.json").read_text())
+        theirs = json.loads((reference / sub / "config.json").read_text())
+        assert set(theirs) - set(ours) == set(), (sub, "missing", sorted(set(theirs) - set(ours)))
+        extra = set(ours) - set(theirs)
+        assert extra <= set(newer) and all(ours[k] == newer[k] for k in extra), (sub, {k: ours[k] for k in extra})
     assert (tmp_path / "a" / "loss.png").stat().st_size > 1000
     assert (tmp_path / "a" / "train" / "checkpoint-00000012" / "validation" / "00-sr.png").is_file()
     assert (tmp_path / "a" / "validation" / "00-lr.png").is_file()

@@ -74,3 +74,14 @@ def test_the_loss_is_the_mse_to_the_noise(trainer):
         loss = trainer.loss(prepared)
     assert float(loss) == pytest.approx(float(F.mse_loss(eps.float(), prepared["noise"].float())), rel=1e-6)
     assert float(loss) != pytest.approx(float(F.mse_loss(eps.float(), prepared["noisy"].float())), rel=1e-3)
+
+
+def test_the_held_out_loss_is_fixed_for_fixed_weights_and_moves_with_them(trainer):
+    batch = _batch(2)
+    first = trainer.held_out_loss(batch, (100, 900))
+    assert trainer.held_out_loss(batch, (100, 900)) == first, "fixed t, fixed seeds, captions kept"
+    prepared = trainer.prepare(batch, epoch=-1, t=100, null_text=False)
+    assert torch.equal(prepared["t"], torch.tensor([100, 100]))
+    trainer.accumulate([batch], [0])
+    trainer.step()
+    assert trainer.held_out_loss(batch, (100, 900)) != first
