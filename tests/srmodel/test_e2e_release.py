@@ -90,7 +90,7 @@ def case(request, weights):
     # One pass through the public API; the stages' results are recorded on the way.
     seen = {}
     denoise, decode = upscaler.denoise, upscaler.decode
-    upscaler.denoise = lambda reqs: seen.setdefault("denoised", denoise(reqs))
+    upscaler.denoise = lambda reqs, **kw: seen.setdefault("denoised", denoise(reqs, **kw))
     upscaler.decode = lambda z: seen.setdefault("decoded", decode(z))
     (output,) = upscaler.upscale([request_])
     (denoised,) = seen["denoised"]
