@@ -60,6 +60,11 @@ def train(
     data = load_config(config)
     if seesr_init is not None and "://" not in seesr_init:  # workers may run in another directory
         seesr_init = str(Path(seesr_init).expanduser().absolute())
+        for sub in ("unet", "controlnet"):  # remote ones are listed by the driver before anything starts
+            if not (Path(seesr_init) / sub / "config.json").is_file():
+                raise typer.BadParameter(f"{seesr_init} has no {sub}/config.json; expected the public SeeSR "
+                                         "checkpoint folder (unet/ and controlnet/, the authors' preset/models/seesr)",
+                                         param_hint="'--seesr-init'")
     from pipelines.train.driver import run_train
     from pipelines.train.job import TrainJob
     from srmodel.presets import get_preset

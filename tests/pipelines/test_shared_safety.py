@@ -214,3 +214,38 @@ def test_a_lease_from_another_boot_or_host_is_never_taken_over_by_pid():
                              space=f"{socket.gethostname()}|{'0' * 36}|{ns}", pid=dead_pid)
     older = LeaseRecord(owner="old", run_id="r", acquired_at=0, expires_at=0, space=f"{host}|{ns}", pid=dead_pid)
     assert not other_boot.dead_here() and not older.dead_here()
+
+
+def test_bad_values_of_the_new_options_are_clear_usage_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipelines.cli.app import app
+
+    def run(*args):
+        res = CliRunner().invoke(app, list(args))
+        return res.exit_code, " ".join(res.output.split())
+
+    code, out = run("upscale", str(tmp_path / "list.txt"), str(tmp_path / "out"), "--allow-src", "zip://a::b",
+                    "--print-config")
+    assert code == 2 and "allow_src" in out and "not a folder or URI prefix" in out
+    code, out = run("upscale", str(tmp_path), str(tmp_path / "out"), "--weights-sha256", str(tmp_path / "nope"),
+                    "--print-config")
+    assert code == 2 and "--weights-sha256" in out and "object storage" in out, "pins need weights on a store"
+    bad = tmp_path / "SUMS"
+    bad.write_text("not a digest  file\n")
+    from pipelines.cli.upscale import pinned
+    from srmodel.config import ModelSource
+
+    src = ModelSource(sd_base="s3://w/sd", seesr="s3://w/ck", sam2_checkpoint="s3://w/sam.pt")
+    import typer
+
+    with pytest.raises(typer.BadParameter, match="line 1"):
+        pinned(src, "s3://w", bad)
+    with pytest.raises(typer.BadParameter, match="nope"):
+        pinned(src, "s3://w", tmp_path / "nope")
+    code, out = run("train", str(tmp_path), str(tmp_path / "run"), "--max-steps", "2", "--init", "paper",
+                    "--seesr-init", str(tmp_path / "missing"), "--print-config")
+    assert code == 2 and "--seesr-init" in out and "unet/config.json" in out
+    code, out = run("train", str(tmp_path), str(tmp_path / "run"), "--max-steps", "2", "--init", "paper",
+                    "--print-config")
+    assert code == 2 and "seesr-init" in out, "paper without its starting checkpoint names the option"
