@@ -209,7 +209,11 @@ def test_cli_progress_dry_run_and_fail_on_error(ray_local, tmp_path):
     assert out.exit_code == 0 and json.loads(out.stdout)["crops"] == 5 and not dst.exists()
     out = CliRunner().invoke(app, [*args, "--fail-on-error"])
     assert out.exit_code == 1, out.output
-    assert "building 2 shard(s) of 5 crop(s)" in out.stderr and "5/5 crops" in out.stderr and "1 failed" in out.stderr
+    # 5 crops hashed into 2 shards by unit id (which holds the tmp path): now and then all land in one (1 in 16)
+    import re
+
+    assert re.search(r"building [12] shard\(s\) of 5 crop\(s\)", out.stderr), out.stderr
+    assert "5/5 crops" in out.stderr and "1 failed" in out.stderr
     summary = json.loads(out.stdout)
     assert summary["processed"] == {"ok": 3, "error": 1, "skipped": 1} and sum(summary["by_branch"].values()) == 3
     # The small-trial note: present exactly when every drawn branch was clean, in the summary, card and terminal.
