@@ -173,16 +173,25 @@ class TooLarge(ValueError):
     """An object over the caller's byte limit (nothing past the limit was fetched)."""
 
 
-def read_bytes(uri: str, storage: StorageConfig | None = None, max_bytes: int | None = None) -> bytes:
+def read_bytes(uri: str, storage: StorageConfig | None = None, max_bytes: int | None = None,
+               span: tuple[int, int] | None = None) -> bytes:
     """An object's bytes. Request failures are retried by botocore; a body cut mid-stream is re-fetched here.
 
     `max_bytes`: one ranged read of at most max_bytes + 1 bytes; more than max_bytes is a TooLarge error,
-    so a huge object never sits whole in a worker's memory.
+    so a huge object never sits whole in a worker's memory. `span=(start, end)`: bytes start..end-1 only
+    (one ranged GET); fewer bytes than that is a cut body, re-fetched.
     """
     storage = storage or StorageConfig()
     fs, path = filesystem(uri, storage)
     for attempt in range(1, storage.body_retries + 1):
         try:
+            if span is not None:
+                data = fs.cat_file(path, start=span[0], end=span[1])
+                if len(data) != span[1] - span[0]:
+                    from urllib3.exceptions import IncompleteRead
+
+                    raise IncompleteRead(len(data), span[1] - span[0])  # a _broken_body: fetched again
+                return data
             if max_bytes is None:
                 return fs.cat_file(path)
             data = fs.cat_file(path, start=0, end=max_bytes + 1)
@@ -193,6 +202,27 @@ def read_bytes(uri: str, storage: StorageConfig | None = None, max_bytes: int | 
             if attempt == storage.body_retries or not is_remote(uri) or not _broken_body(err):
                 raise
     raise AssertionError("unreachable")
+
+
+def s3_key_pages(fs: fsspec.AbstractFileSystem, bucket: str, prefix: str, *, start_after: str | None = None,
+                 page_size: int = 1000):
+    """Pages of the keys (as "bucket/key" paths) that start with `prefix` as a string, in key order, one
+    ListObjectsV2 request each: yields (paths, more_follow). Keys only, never a dict per object (s3fs's ls/find)."""
+    kw: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": page_size}
+    if start_after:
+        kw["StartAfter"] = start_after
+    while True:
+        out = fs.call_s3("list_objects_v2", **kw)
+        more = bool(out.get("IsTruncated"))
+        yield [f"{bucket}/{o['Key']}" for o in out.get("Contents", [])], more
+        if not more:
+            return
+        kw["ContinuationToken"] = out["NextContinuationToken"]
+
+
+def is_s3(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "s3" in protocols
 
 
 def write_bytes_atomic(uri: str, data: bytes, storage: StorageConfig | None = None) -> None:

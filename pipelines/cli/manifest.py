@@ -16,9 +16,9 @@ def compact(
     dst: str = typer.Argument(..., metavar="DST", help="the upscale job's DST (folder or s3://bucket/prefix)"),
     address: Optional[str] = typer.Option(None, help="Ray cluster address; default: an embedded local Ray"),
     endpoint_url: Optional[str] = typer.Option(None, help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)"),
-    rows_per_file: int = typer.Option(500_000, min=1, help="rows per compacted part"),
+    rows_per_file: int = typer.Option(500_000, min=1, help="rows per compacted part (at most)"),
 ) -> None:
-    """Rewrite the manifest's many small parts into few, keeping the latest row per image and settings.
+    """Merge each run folder's many small parts into few (every row keeps its run; a retried batch's duplicates go).
 
     Exit codes: 0 done, 2 bad option, 3 the manifest could not be compacted.
     """

@@ -132,14 +132,15 @@ class UpscaleJob(BaseModel):
     allow_cpu: bool = Field(False, description="run a full-size preset even when the cluster has no GPU (very slow)")
     shared_fs: bool = Field(
         False, description="local SRC/DST/weights paths are on a filesystem every node mounts at the same path")
-    actor_start_timeout_s: float = Field(
-        900, gt=0, description="fail with a clear error when the actor pools cannot start (e.g. no GPU fits)"
-    )
+    actor_start_timeout_s: float | None = Field(
+        None, gt=0, description="fail with a clear error when the actor pools cannot start (e.g. no GPU fits); "
+        "default 900 s, 1800 s when an autoscaler adds the GPU nodes (a cold node pulls the image and stages "
+        "~13 GB of weights)")
     manifest_rows_per_file: int = Field(
         1024, ge=1, description="rows per manifest part (a killed driver loses at most the parts in flight; "
         "`ugcsr manifest compact` merges parts later)")
     plan_buckets: int | None = Field(None, ge=1, le=4096, description="hash buckets of the listing and resume anti-join; "
-                                     "default: one per 250k rows of a Parquet list, 8 for folders")
+                                     "default: one per 250k listed images (counted once listed)")
     plan_tasks: int | None = Field(None, ge=1, description="parallel listing tasks; default: from the cluster's CPUs")
     execution_images: int = Field(
         1_000_000, ge=1, description="images per Ray Data execution: a run is a loop of executions over groups of "

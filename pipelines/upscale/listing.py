@@ -1,11 +1,11 @@
 """What to process, planned as data: a sharded Parquet listing and the resume anti-join, both in Ray tasks.
 
-The driver only splits SRC into work units (sub-folders, chunks of root files,
-row groups of a Parquet list) and collects counts: its memory and time grow
-with the number of units and buckets, never with the number of images.
+The driver only splits SRC into work units (sub-folders, key ranges of a flat prefix, chunks of root files,
+row groups of a Parquet list) and collects counts and byte offsets: its memory and time grow with the number
+of tasks and buckets, never with the number of images.
 
-    units --list tasks--> rows hashed into B buckets by output key
-    manifest parts --done tasks--> ok image_ids of this params_hash, same buckets
+    units --list tasks--> DST/_state/plan/<run>/list-i.arrow  (rows hashed by output key, see pieces.py)
+    manifest parts --done tasks--> DST/_state/plan/<run>/done-i.arrow (ok image_ids of this params_hash)
     bucket k --plan task--> DST/_state/listing/<id>/part-k.parquet (cached listing)
                             DST/_state/todo/<run>/part-k.parquet   (listing minus done)
 
@@ -24,24 +24,25 @@ import os
 import posixpath
 import re
 import uuid
-import zlib
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from cluster.storage import (StorageConfig, filesystem, is_local, join, read_bytes, redact, uri_of,
-                             write_bytes_atomic)
+from cluster.storage import (StorageConfig, filesystem, is_local, is_s3, join, read_bytes, redact,
+                             s3_key_pages, uri_of, write_bytes_atomic)
 from srmodel.sampling.seeds import image_id_from_uri
 
 from ..paths import IMAGE_EXTENSIONS, output_key
+from .pieces import read_spans, write_piece
 
 log = logging.getLogger(__name__)
 
 LISTING_SCHEMA = pa.schema([("image_id", pa.string()), ("src_uri", pa.string()), ("dst_key", pa.string())])
-MAX_BUCKETS = 4096  # also the cap of _auto_buckets
+MAX_BUCKETS = 4096  # also the cap of _auto_buckets (pieces.SUB_BUCKETS)
+BUCKETING = 2  # listing.json's bucket rule: 2 = pieces.bucket_of (top bits of CRC-32); older listings are listed again
 ROWS_PER_BUCKET = 250_000  # auto bucket count for Parquet lists: a bucket stays a few tens of MiB in a task
 
 
@@ -53,37 +54,6 @@ def _key_for_uri(uri: str) -> str:
     """Output key for a listed URI: its host/bucket and path, so two buckets never collide."""
     parsed = urlparse(uri)
     return f"{parsed.netloc}/{parsed.path.lstrip('/')}" if parsed.netloc else parsed.path.lstrip("/")
-
-
-def bucket_of(dst_key: str, buckets: int) -> int:
-    return zlib.crc32(dst_key.encode("utf-8")) % buckets
-
-
-def split_buckets(table: pa.Table, keys: list[str], buckets: int) -> list[pa.Table]:
-    """`table`'s rows in `buckets` tables by the hash of `keys` (one per row)."""
-    if buckets == 1:
-        return [table]
-    ids = np.fromiter((bucket_of(k, buckets) for k in keys), dtype=np.int32, count=len(keys))
-    order = np.argsort(ids, kind="stable")
-    bounds = np.searchsorted(ids[order], np.arange(buckets + 1))
-    sorted_table = table.take(pa.array(order))
-    return [sorted_table.slice(bounds[k], bounds[k + 1] - bounds[k]) for k in range(buckets)]
-
-
-def bucket_task(fn, buckets: int, **options):
-    """`fn(...)` returns `buckets` tables; the Ray task gives one ObjectRef per bucket (a list, even for one)."""
-    import ray
-
-    if buckets > 1:
-        remote = ray.remote(num_returns=buckets, **options)(fn)
-        return lambda *a, **kw: list(remote.remote(*a, **kw))
-
-    def only(*a, **kw):
-        return fn(*a, **kw)[0]
-
-    only.__name__ = fn.__name__
-    remote = ray.remote(**options)(only)
-    return lambda *a, **kw: [remote.remote(*a, **kw)]
 
 
 # --- work units (driver side: one level of SRC, or Parquet metadata; never the whole listing) ---
@@ -106,26 +76,96 @@ def discover_units(src: str, dst: str, storage: StorageConfig, max_units: int) -
             raise FileNotFoundError(f"list file {src} does not exist")
         return [("text", src)], None  # text lists are read by one task; give large lists as Parquet
     fs, root = filesystem(src, storage)
-    if not fs.isdir(root):
-        raise FileNotFoundError(f"SRC {src} is not a folder/prefix of images (nor a .parquet/.txt list of URIs)")
     root = root.rstrip("/")
+    # s3fs's isdir lists the whole level (10^8 keys of a flat prefix): one key of one request says as much.
+    if not (_has_keys(fs, root) if is_s3(fs) else fs.isdir(root)):
+        raise FileNotFoundError(f"SRC {src} is not a folder/prefix of images (nor a .parquet/.txt list of URIs)")
+    if is_s3(fs):
+        # Key ranges listed in parallel: a flat prefix of 10^8 keys is never listed by one task (nor twice).
+        return [("keys", root, p, exact) for p, exact in split_prefix(fs, root, UNITS_PER_TASK * max_units)], None
     _, dst_path = filesystem(dst, storage)
     dst_path = dst_path.rstrip("/")
-    # Runs as a Ray task (make_plan): one level of SRC may hold every key of a flat prefix, which must
-    # never pass through the driver; what comes back is O(sub-folders).
+    # One level of SRC, streamed: sub-folders kept, files only noted (a flat folder's entries never pile up here).
     dirs, has_files = [], False
-    for e in fs.ls(root, detail=True):
-        name = e["name"].rstrip("/")
+    for e in _entries(fs, root):
+        name, is_dir = e
         if name == dst_path or name == root:  # never take our own outputs as inputs when DST is under SRC
             continue
-        if e["type"] == "directory":
+        if is_dir:
             dirs.append(name)
         else:
             has_files = True
-    fs.invalidate_cache()  # s3fs keeps listings in its dircache
     units: list[tuple] = [("tree", d) for d in sorted(dirs)]
-    # Files directly under SRC: one unit, listed again by its task (S3 lists a prefix sequentially anyway).
+    # Files directly under SRC: one unit, listed by its task.
     return units + ([("files", root)] if has_files else []), None
+
+
+def _entries(fs, root: str):
+    """(path, is_folder) of one level of a folder: os.scandir when local (streamed), fs.ls otherwise."""
+    if is_local(fs):
+        with os.scandir(root) as it:
+            for e in it:
+                yield e.path, e.is_dir()
+        return
+    for e in fs.ls(root, detail=True):
+        yield e["name"].rstrip("/"), e["type"] == "directory"
+    fs.invalidate_cache()  # fsspec keeps listings in its dircache
+
+
+UNITS_PER_TASK = 4  # key ranges per list task: ranges of uneven size still spread over the tasks
+SPLIT_PAGE = 1000  # a key prefix whose first page (1,000 keys, one request) is complete is not split further
+MAX_SPLIT_DEPTH = 64  # characters of key prefix (long shared name stems such as IMG_000... take a few)
+_LAST_CHAR = "\U0010ffff"  # sorts after every other character (S3 orders keys by UTF-8 bytes: code points)
+
+
+def _has_keys(fs, root: str) -> bool:
+    bucket, _, key_root = root.partition("/")
+    return bool(next(s3_key_pages(fs, bucket, key_root + "/" if key_root else "", page_size=1))[0])
+
+
+def split_prefix(fs, root: str, target: int) -> list[tuple[str, bool]]:
+    """Key prefixes, relative to root/, that cover every key under root/ once: (prefix, exact).
+
+    Breadth first: a prefix whose first page of keys is truncated is split into one child per next
+    character (found by skipping: one 1-key request per child), until about `target` prefixes or all
+    small. `exact` marks a key that equals its prefix (root/cat.png beside root/cat.png.old): a unit of
+    that one key, as the prefix's children do not hold it. Requests run 16 at a time.
+    """
+    bucket, _, key_root = root.partition("/")
+    base = key_root + "/" if key_root else ""
+    skip = len(bucket) + 1 + len(base)
+
+    def complete(p: str) -> bool:
+        return not next(s3_key_pages(fs, bucket, base + p, page_size=SPLIT_PAGE))[1]
+
+    def children(p: str) -> tuple[list[str], bool]:
+        kids, exact, after = [], False, None
+        while True:
+            keys, _ = next(s3_key_pages(fs, bucket, base + p, start_after=after, page_size=1))
+            if not keys:
+                return kids, exact
+            rest = keys[0][skip + len(p):]
+            if not rest or (kids and kids[-1] == p + rest[0]):  # the key itself, or a name holding _LAST_CHAR
+                exact = exact or not rest
+                after = keys[0][len(bucket) + 1:]
+                continue
+            kids.append(p + rest[0])
+            after = base + kids[-1] + _LAST_CHAR
+
+    units, frontier = [], [""]
+    with ThreadPoolExecutor(16) as pool:
+        for _ in range(MAX_SPLIT_DEPTH):
+            if not frontier or len(units) + len(frontier) >= target:
+                break
+            small = list(pool.map(complete, frontier))
+            units += [(p, False) for p, done in zip(frontier, small) if done]
+            big = [p for p, done in zip(frontier, small) if not done]
+            frontier = []
+            for p, (kids, exact) in zip(big, pool.map(children, big)):
+                frontier += kids
+                if exact:
+                    units.append((p, True))
+    return sorted(units + [(p, False) for p in frontier])
 
 
 def group_units(units: list[tuple], tasks: int) -> list[list[tuple]]:
@@ -139,14 +179,19 @@ def _rows_of_unit(unit: tuple, ctx: dict) -> tuple[list[str], list[str]]:
     storage = StorageConfig.model_validate(ctx["storage"])
     fmt = ctx["format"]
     kind = unit[0]
-    if kind in ("tree", "files"):
+    if kind in ("tree", "files", "keys"):
         fs, root = filesystem(ctx["src"], storage)
         root = root.rstrip("/")
         inside = ctx["dst_path"].rstrip("/") + "/"
         if kind == "tree":
             paths = fs.find(unit[1])
-        else:
-            paths = [e["name"] for e in fs.ls(unit[1], detail=True) if e["type"] != "directory"]
+        elif kind == "files":
+            paths = [name for name, is_dir in _entries(fs, unit[1]) if not is_dir]
+        else:  # a key range of an S3 prefix, page by page (keys only)
+            bucket, _, key_root = root.partition("/")
+            prefix = (key_root + "/" if key_root else "") + unit[2]
+            exact = unit[3]  # the one key equal to the prefix, seen when it was split
+            paths = [f"{bucket}/{prefix}"] if exact else [k for keys, _ in s3_key_pages(fs, bucket, prefix) for k in keys]
         fs.invalidate_cache()
         paths = sorted(p for p in paths if posixpath.splitext(p)[1].lower() in IMAGE_EXTENSIONS and not p.startswith(inside))
         uris = ["file://" + p for p in paths] if is_local(fs) else [uri_of(fs, p) for p in paths]
@@ -174,16 +219,21 @@ def _rows_of_unit(unit: tuple, ctx: dict) -> tuple[list[str], list[str]]:
     return uris, [output_key(_key_for_uri(u), fmt) for u in uris]
 
 
-def list_units(units: list[tuple], ctx: dict, buckets: int) -> list[pa.Table]:
-    """Rows of some units, split into buckets by output key (one table per bucket)."""
+def _listing_rows(units: list[tuple], ctx: dict) -> pa.Table:
     uris, keys = [], []
     for unit in units:
         u, k = _rows_of_unit(unit, ctx)
         uris += u
         keys += k
-    table = pa.table({"image_id": [image_id_from_uri(u) for u in uris], "src_uri": uris, "dst_key": keys},
-                     schema=LISTING_SCHEMA)
-    return split_buckets(table, keys, buckets)
+    return pa.table({"image_id": [image_id_from_uri(u) for u in uris], "src_uri": uris, "dst_key": keys},
+                    schema=LISTING_SCHEMA)
+
+
+def list_piece(units: list[tuple], ctx: dict, uri: str, buckets: int | None) -> dict:
+    """(Ray task) Rows of some units, stored as one piece at `uri` bucketed by output key; counts and offsets back."""
+    table = _listing_rows(units, ctx)
+    return write_piece(uri, table, table.column("dst_key").to_pylist(), StorageConfig.model_validate(ctx["storage"]),
+                       buckets)
 
 
 def merge_bucket(tables: list[pa.Table]) -> pa.Table:
@@ -240,20 +290,25 @@ def read_todo(batch: dict, *, storage: dict, rows_per_block: int):
             yield pa.Table.from_batches([chunk])
 
 
-def plan_bucket(k: int, spec: dict, n_list: int, *tables: pa.Table) -> dict:
-    """Bucket k: its listing (from the list tasks or the cached part), minus the done image_ids."""
+DONE_SCHEMA = pa.schema([("image_id", pa.string())])
+
+
+def plan_bucket(k: int, buckets: int, spec: dict, lists: list[tuple], dones: list[tuple]) -> dict:
+    """Bucket k: its listing (from the list pieces or the cached part), minus the done image_ids.
+
+    `lists`/`dones`: (uri, start, end) byte ranges of the pieces that hold rows of bucket k.
+    """
     storage = StorageConfig.model_validate(spec["storage"])
     if spec.get("listing_in"):
         listing = read_parquet_uri(spec["listing_in"], storage)
     else:
-        listing = merge_bucket(list(tables[:n_list]))
+        listing = merge_bucket([read_spans(lists, LISTING_SCHEMA, storage, k, buckets)])
     if spec.get("listing_out"):
         write_parquet_uri(spec["listing_out"], listing, storage)
-    done = [t.column("image_id") for t in tables[n_list:] if len(t)]
+    done = read_spans(dones, DONE_SCHEMA, storage, k, buckets).column("image_id")
     todo = listing
-    if done:
-        done_ids = pc.unique(pa.chunked_array(done, pa.string()).combine_chunks())
-        todo = listing.filter(pc.invert(pc.is_in(listing.column("image_id"), value_set=done_ids)))
+    if len(done):
+        todo = listing.filter(pc.invert(pc.is_in(listing.column("image_id"), value_set=pc.unique(done))))
     written = None
     if spec.get("todo_out") and len(todo):
         write_parquet_uri(spec["todo_out"], todo, storage)
@@ -328,4 +383,4 @@ def list_inputs(src: str, dst: str, storage: StorageConfig, fmt: str) -> pa.Tabl
     _, dst_path = filesystem(dst, storage)
     ctx = {"src": src, "dst_path": dst_path, "format": fmt, "storage": storage.model_dump(mode="json"), "cwd": os.getcwd()}
     units, _ = discover_units(src, dst, storage, max_units=1)
-    return merge_bucket(list_units(units, ctx, 1)).sort_by("src_uri")
+    return merge_bucket([_listing_rows(units, ctx)]).sort_by("src_uri")

@@ -12,7 +12,6 @@ import datetime as dt
 import hashlib
 import io
 import json
-import os
 import uuid
 from collections import Counter
 
@@ -177,26 +176,29 @@ def _read(uri: str, storage: StorageConfig, columns: list[str] | None) -> pa.Tab
     return read_parquet_uri(uri, storage, columns)
 
 
-def done_tables(files: list[str], *, dst: str, storage: dict, params_hash: str, buckets: int) -> list[pa.Table]:
-    """(Ray task) image_ids with an `ok` row of this params_hash in some manifest files, bucketed like the listing.
+def done_piece(files: list[str], *, dst: str, storage: dict, params_hash: str, uri: str,
+               buckets: int | None) -> dict:
+    """(Ray task) image_ids with an `ok` row of this params_hash in some manifest files, stored as one piece
+    at `uri` bucketed like the listing (pieces.py); counts and offsets back.
 
     The bucket is the output key's, recovered from dst_uri (DST/<dst_key>), so bucket k of the
     done set meets bucket k of the listing without any global view.
     """
-    from .listing import bucket_key, split_buckets
+    from .listing import bucket_key
+    from .pieces import write_piece
     from actors.write import as_uri
 
     cfg = StorageConfig.model_validate(storage)
     prefix = as_uri(join(dst, ""))
     kept = []
-    for uri in files:
-        t = _read(uri, cfg, ["image_id", "status", "params_hash", "dst_uri"])
+    for part in files:
+        t = _read(part, cfg, ["image_id", "status", "params_hash", "dst_uri"])
         mask = pc.and_(pc.equal(t["status"], "ok"), pc.equal(t["params_hash"], params_hash))
         kept.append(t.filter(mask).select(["image_id", "dst_uri"]))
     table = pa.concat_tables(kept) if kept else pa.table({"image_id": pa.array([], pa.string()), "dst_uri": pa.array([], pa.string())})
     keys = [bucket_key(u[len(prefix):], i) if u and u.startswith(prefix) else (u or "")
             for u, i in zip(table.column("dst_uri").to_pylist(), table.column("image_id").to_pylist())]
-    return split_buckets(table.select(["image_id"]), keys, buckets)
+    return write_piece(uri, table.select(["image_id"]), keys, cfg, buckets)
 
 
 def done_ids(dst: str, storage: StorageConfig, params_hash: str) -> pa.Array:
@@ -222,14 +224,16 @@ def write_summary(dst: str, run_id: str, summary: dict, storage: StorageConfig) 
 # --- compaction ---
 
 
-def _bucket_rows(files: list[str], storage: dict, buckets: int) -> list[pa.Table]:
-    """(Ray task) manifest rows of some files, bucketed by image_id."""
-    from .listing import split_buckets
-
+def _footers(files: list[str], storage: dict) -> list[tuple[int, bool]]:
+    """(Ray task) (rows, in today's schema) of some Parquet files, from their footers."""
     cfg = StorageConfig.model_validate(storage)
-    tables = [conform(_read(uri, cfg, None)) for uri in files]
-    table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
-    return split_buckets(table, table.column("image_id").to_pylist(), buckets)
+    out = []
+    for uri in files:
+        fs, path = filesystem(uri, cfg)
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            out.append((pf.metadata.num_rows, pf.schema_arrow.equals(SCHEMA)))
+    return out
 
 
 def conform(table: pa.Table) -> pa.Table:
@@ -239,20 +243,10 @@ def conform(table: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=SCHEMA)
 
 
-def _count_rows(files: list[str], storage: dict) -> int:
-    """(Ray task) rows in some Parquet files, from their footers."""
+def _compact_group(files: list[str], out_uri: str, storage: dict) -> int:
+    """(Ray task) Some parts of one run folder as one part: the latest row per (image_id, params_hash)."""
     cfg = StorageConfig.model_validate(storage)
-    total = 0
-    for uri in files:
-        fs, path = filesystem(uri, cfg)
-        with fs.open(path, "rb") as f:
-            total += pq.ParquetFile(f).metadata.num_rows
-    return total
-
-
-def _compact_bucket(out_uri: str, storage: dict, *tables: pa.Table) -> int:
-    """(Ray task) the latest row per (image_id, params_hash) of one bucket, written as one part."""
-    table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+    table = pa.concat_tables([conform(_read(uri, cfg, None)) for uri in files])
     if not len(table):
         return 0
     table = table.sort_by([("image_id", "ascending"), ("params_hash", "ascending"), ("finished_at", "ascending")])
@@ -261,16 +255,24 @@ def _compact_bucket(out_uri: str, storage: dict, *tables: pa.Table) -> int:
     table = table.take(pa.array(last, pa.int64()))
     buf = io.BytesIO()
     pq.write_table(table, buf, row_group_size=64_000)
-    write_bytes_atomic(out_uri, buf.getvalue(), StorageConfig.model_validate(storage))
+    write_bytes_atomic(out_uri, buf.getvalue(), cfg)
     return len(table)
+
+
+def _folder(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[0]
 
 
 def compact(dst: str, storage: StorageConfig, *, rows_per_file: int = 500_000, files_per_task: int = 64,
             max_retries: int = 3) -> dict:
-    """Rewrite every manifest part into few, keeping the latest row per image_id and params_hash.
+    """Merge each run folder's parts into few of up to `rows_per_file` rows (a retried write batch's duplicate
+    rows dropped: the latest per image_id and params_hash within the folder).
 
-    Runs on the connected Ray cluster. The compacted parts are written first (run=compacted-<id>/),
-    the old files removed after: a crash in between leaves duplicates that resume reads harmlessly.
+    Runs on the connected Ray cluster, one task per group of consecutive parts: no shuffle, a task holds at
+    most `rows_per_file` rows (a part larger than that stays as it is), and every row keeps its run folder
+    (the `run` column readers see). Rows of different runs are all kept: readers take the latest per image.
+    New parts are written first, the old ones removed after: a crash in between leaves duplicates that
+    resume and readers read harmlessly.
     """
     import ray
 
@@ -279,26 +281,29 @@ def compact(dst: str, storage: StorageConfig, *, rows_per_file: int = 500_000, f
         raise FileNotFoundError(f"{dst} has no manifest (no Parquet under {manifest_dir(dst)}): give the DST of an "
                                 "`ugcsr upscale` run")
     cfg = storage.model_dump(mode="json")
-    groups = [files[i : i + files_per_task] for i in range(0, len(files), files_per_task)]
-    count = ray.remote(max_retries=max_retries)(_count_rows)
-    rows_before = int(sum(ray.get([count.remote(g, cfg) for g in groups])))
-    buckets = max(1, -(-rows_before // rows_per_file))
-    from .listing import bucket_task
-
-    split = bucket_task(_bucket_rows, buckets, max_retries=max_retries)
-    refs = [split(g, cfg, buckets) for g in groups]
-    out = join(manifest_dir(dst), f"run=compacted-{new_run_id()}")
-    write = ray.remote(max_retries=max_retries)(_compact_bucket)
-    counts = ray.get([write.remote(join(out, f"part-{k:05d}.parquet"), cfg, *[r[k] for r in refs]) for k in range(buckets)])
-    fs, _ = filesystem(files[0], storage)
-    paths = [filesystem(uri, storage)[1] for uri in files]
-    fs.rm(paths)  # one call: s3fs deletes in batches of 1000 keys
-    folders = {path.rsplit("/", 1)[0] for path in paths}
-    if is_local(fs):  # object stores have no folders; local ones would stay behind empty
-        for folder in folders:
-            try:
-                os.rmdir(folder)
-            except OSError:
-                pass
-    return {"files_before": len(files), "files_after": sum(1 for c in counts if c), "rows_before": rows_before,
-            "rows_after": int(sum(counts))}
+    footer = ray.remote(max_retries=max_retries)(_footers)
+    chunks = [files[i : i + files_per_task] for i in range(0, len(files), files_per_task)]
+    facts = [f for part in ray.get([footer.remote(c, cfg) for c in chunks]) for f in part]
+    groups: list[list[str]] = []
+    rows_in, last_folder = 0, None
+    for uri, (rows, current) in zip(files, facts):  # sorted: a run folder's parts are consecutive
+        if not groups or _folder(uri) != last_folder or rows_in + rows > rows_per_file:
+            groups.append([])
+            rows_in = 0
+        groups[-1].append(uri)
+        rows_in += rows
+        last_folder = _folder(uri)
+    schema_ok = dict(zip(files, (c for _, c in facts)))
+    todo = [g for g in groups if len(g) > 1 or not schema_ok[g[0]]]  # a lone part in today's schema stays
+    tag = new_run_id()
+    task = ray.remote(max_retries=max_retries)(_compact_group)
+    counts = ray.get([task.remote(g, join(_folder(g[0]), f"part-compacted-{tag}-{k:05d}.parquet"), cfg)
+                      for k, g in enumerate(todo)])
+    old = [uri for g in todo for uri in g]
+    if old:
+        fs, _ = filesystem(old[0], storage)
+        fs.rm([filesystem(uri, storage)[1] for uri in old])  # one call: s3fs deletes in batches of 1000 keys
+    rewritten = set(old)
+    kept = sum(rows for (rows, _), uri in zip(facts, files) if uri not in rewritten)
+    return {"files_before": len(files), "files_after": len(files) - len(old) + sum(1 for c in counts if c),
+            "rows_before": sum(rows for rows, _ in facts), "rows_after": kept + int(sum(counts))}

@@ -59,11 +59,15 @@ def plan_pools(job: UpscaleJob, gpus: float | None = None, *, nodes: list[NodeSh
     r = job.resources
     if nodes is None:
         nodes = [NodeShape(cpus=float("inf"), gpus=float(gpus or 0))]
+    cpus_now = sum(n.cpus for n in nodes)
+    # What the IO tasks may grow to once the autoscaler added every node type (CPU-only groups included).
+    cpus_max = max(cpus_now, sum(t.cpus * t.count for t in autoscale))
     autoscale = [t for t in autoscale if t.gpus > 0]
     gpus_now = sum(n.gpus for n in nodes)
     gpus_max = max(gpus_now, sum(t.gpus * t.count for t in autoscale))
     base = dict(layout=r.layout, sr_cpus=r.sr_cpus, semantic_cpus=r.semantic_cpus, io_cpus=r.io_cpus,
-                gpus_now=gpus_now, gpus_max=gpus_max, nodes=_describe(nodes + list(autoscale)))
+                gpus_now=gpus_now, gpus_max=gpus_max, cpus_max=cpus_max if math.isfinite(cpus_max) else None,
+                nodes=_describe(nodes + list(autoscale)))
     if gpus_max <= 0:
         if job.model.name != "tiny" and not job.allow_cpu:
             raise ValueError(

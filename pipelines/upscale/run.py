@@ -31,15 +31,16 @@ from actors.semantic import SemanticStage
 from actors.sr import SRStage
 from cluster import ray_runtime
 from cluster.lease import DstLease, LeaseLost, check_lease
-from cluster.storage import StorageConfig, filesystem, is_remote, join
+from cluster.storage import StorageConfig, filesystem, is_local, is_remote, join
 from cluster.source_policy import policy_for
 from cluster.weights import check_uris
 from srmodel.stages import resolve
 
 from . import listing as L
 from .job import SEMANTIC_MEMORY_GB, SR_MEMORY_GB, UpscaleJob
-from .manifest import STAGES, done_tables, manifest_files, new_run_id, run_dir, write_part, write_summary
+from .manifest import STAGES, done_piece, manifest_files, new_run_id, run_dir, write_part, write_summary
 from ..paths import IMAGE_EXTENSIONS
+from .pieces import spans
 from .pools import plan_pools
 
 log = logging.getLogger("ugcsr")
@@ -62,24 +63,21 @@ class Plan:
     pools: dict = field(default_factory=dict)
 
 
-def _auto_buckets(job: UpscaleJob, known_rows: int | None) -> int:
-    if job.plan_buckets:
-        return job.plan_buckets
-    if known_rows is not None:
-        return max(1, min(L.MAX_BUCKETS, math.ceil(known_rows / L.ROWS_PER_BUCKET)))
-    return 8
+def _auto_buckets(job: UpscaleJob, rows: int) -> int:
+    """Buckets for `rows` listed images: a bucket stays ~ROWS_PER_BUCKET rows (a few tens of MiB in a task)."""
+    return job.plan_buckets or max(1, min(L.MAX_BUCKETS, math.ceil(rows / L.ROWS_PER_BUCKET)))
 
 
 def make_plan(job: UpscaleJob, *, write: bool = True, run_id: str | None = None) -> Plan:
     """Listing and resume anti-join as Ray tasks (Ray must be connected); the driver keeps counts only.
 
-    `write=False` (dry run) writes nothing: the plan's counts come back, no shard is stored.
+    Planning pieces go under DST/_state/plan/<run>/ and are removed once planned. `write=False` (dry run)
+    keeps nothing else: the plan's counts come back, no listing or todo shard is stored.
     """
     import ray
 
     run_id = run_id or new_run_id()
     storage, cfg = job.storage, job.storage.model_dump(mode="json")
-    retries = job.retries.task_max_retries
     tasks = job.plan_tasks or max(4, min(256, 2 * int(ray_runtime.cluster_cpus() or 1)))
     _, dst_path = filesystem(job.dst, storage)
     ctx = {"src": job.src, "dst_path": dst_path, "format": job.format, "storage": cfg, "cwd": os.getcwd()}
@@ -87,37 +85,61 @@ def make_plan(job: UpscaleJob, *, write: bool = True, run_id: str | None = None)
     meta = L.read_listing_meta(job.dst, storage) if folder else None
     # relist None: local folders are listed every run (cheap, new files never missed), remote prefixes once.
     relist = (not is_remote(job.src)) if job.relist is None else job.relist
-    cached = bool(folder and not relist and meta and meta.get("src") == job.src and meta.get("format") == job.format)
+    cached = bool(folder and not relist and meta and meta.get("src") == job.src and meta.get("format") == job.format
+                  and meta.get("bucketing") == L.BUCKETING)
     listed_at = meta.get("listed_at") if cached else (dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
                                                      if folder else None)
-    if cached:
-        buckets, listing_id, list_refs = meta["buckets"], meta["listing_id"], []
-    else:
-        discover = ray.remote(max_retries=retries)(L.discover_units).remote(job.src, job.dst, storage, max_units=tasks)
-        try:
-            units, known_rows = ray.get(discover)
-        except ray.exceptions.RayTaskError as err:
-            raise err.cause from None  # e.g. "SRC ... is not a folder": the user's problem, without Ray's wrapping
-        buckets, listing_id = _auto_buckets(job, known_rows), L.new_listing_id()
-        lister = L.bucket_task(L.list_units, buckets, max_retries=retries)
-        list_refs = [lister(group, ctx, buckets) for group in L.group_units(units, tasks)]
+    plan_dir = join(job.dst, "_state", "plan", run_id)
+    if write:
+        # Shards of an interrupted earlier run (we hold the DST lease: no other run is writing here).
+        _remove(join(job.dst, "_state", "todo"), storage)
+        _remove_stale_plans(job.dst, storage)
+    try:
+        return _plan_pieces(job, run_id, plan_dir, ctx, tasks, folder, meta, cached, listed_at, write)
+    except ray.exceptions.RayTaskError as err:
+        raise err.cause from None  # e.g. "SRC ... is not a folder": the user's problem, without Ray's wrapping
+    finally:
+        _remove(plan_dir, storage)
+
+
+def _plan_pieces(job: UpscaleJob, run_id: str, plan_dir: str, ctx: dict, tasks: int, folder: bool,
+                 meta: dict | None, cached: bool, listed_at: str | None, write: bool) -> Plan:
+    import ray
+
+    storage, cfg = job.storage, ctx["storage"]
+    retries = job.retries.task_max_retries
+    task = ray.remote(max_retries=retries)
+    buckets = meta["buckets"] if cached else job.plan_buckets  # None: chosen from the count once listed
+    list_uris, list_refs, listing_id = [], [], None
+    if not cached:
+        units, known_rows = ray.get(task(L.discover_units).remote(job.src, job.dst, storage, max_units=tasks))
+        if buckets is None and known_rows is not None:
+            buckets = _auto_buckets(job, known_rows)
+        listing_id = L.new_listing_id()
+        for i, group in enumerate(L.group_units(units, tasks)):
+            list_uris.append(join(plan_dir, f"list-{i:05d}.arrow"))
+            list_refs.append(task(L.list_piece).remote(group, ctx, list_uris[-1], buckets))
     # The done set: ok rows of this params_hash in every manifest part, bucketed like the listing.
     files = manifest_files(job.dst, storage)
     per = max(1, math.ceil(len(files) / tasks))
-    doner = L.bucket_task(done_tables, buckets, max_retries=retries)
-    done_refs = [doner(files[i : i + per], dst=job.dst, storage=cfg, params_hash=job.params_hash(), buckets=buckets)
-                 for i in range(0, len(files), per)]
-    if write:
-        _remove(join(job.dst, "_state", "todo"), storage)  # shards of an interrupted earlier run
-    planner = ray.remote(max_retries=retries)(L.plan_bucket)
+    done_uris, done_refs = [], []
+    for i in range(0, len(files), per):
+        done_uris.append(join(plan_dir, f"done-{i // per:05d}.arrow"))
+        done_refs.append(task(done_piece).remote(files[i : i + per], dst=job.dst, storage=cfg,
+                                                 params_hash=job.params_hash(), uri=done_uris[-1], buckets=buckets))
+    # T offset arrays (32 KiB each) on the driver, whatever the corpus; the rows stay in the pieces.
+    lists = list(zip(list_uris, ray.get(list_refs)))
+    dones = list(zip(done_uris, ray.get(done_refs)))
+    if buckets is None:
+        buckets = _auto_buckets(job, sum(p["rows"] for _, p in lists))
+    planner = task(L.plan_bucket)
     refs = []
     for k in range(buckets):
         spec = {"storage": cfg,
-                "listing_in": L.listing_part_uri(job.dst, listing_id, k) if cached else None,
+                "listing_in": L.listing_part_uri(job.dst, meta["listing_id"], k) if cached else None,
                 "listing_out": L.listing_part_uri(job.dst, listing_id, k) if (write and folder and not cached) else None,
                 "todo_out": join(job.dst, "_state", "todo", run_id, f"part-{k:05d}.parquet") if write else None}
-        mine = [r[k] for r in list_refs]
-        refs.append(planner.remote(k, spec, len(mine), *mine, *[r[k] for r in done_refs]))
+        refs.append(planner.remote(k, buckets, spec, spans(lists, k, buckets), spans(dones, k, buckets)))
     listed = to_do = 0
     todo_uris, todo_counts, sample = [], [], []
     for out in ray.get(refs):  # B small dicts
@@ -132,7 +154,8 @@ def make_plan(job: UpscaleJob, *, write: bool = True, run_id: str | None = None)
                                 "nothing to do")
     if write and folder and not cached:
         L.commit_listing(job.dst, storage, {"src": job.src, "format": job.format, "buckets": buckets,
-                                            "listing_id": listing_id, "images": listed, "listed_at": listed_at}, meta)
+                                            "bucketing": L.BUCKETING, "listing_id": listing_id, "images": listed,
+                                            "listed_at": listed_at}, meta)
     skipped = listed - to_do
     if job.limit:  # at most N to process this run: re-running with the same limit moves on
         to_do = min(to_do, job.limit)
@@ -168,19 +191,52 @@ def _remove(uri: str, storage: StorageConfig) -> None:
         pass  # leftovers cost space, never correctness
 
 
+def _remove_stale_plans(dst: str, storage: StorageConfig, age_s: float = 86400) -> None:
+    """Pieces a driver killed while planning left behind, once a day old (a dry run may be planning now)."""
+    fs, path = filesystem(join(dst, "_state", "plan"), storage)
+    try:
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    except (OSError, FileNotFoundError):
+        return
+    for name in names:
+        try:
+            started = dt.datetime.strptime(name[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.timezone.utc)
+        except ValueError:
+            continue  # not a run id: not ours to delete
+        if (dt.datetime.now(dt.timezone.utc) - started).total_seconds() > age_s:
+            _remove(join(dst, "_state", "plan", name), storage)
+
+
+def _prune_empty(root: str) -> None:
+    """Remove `root` if it holds nothing but empty folders."""
+    for folder, _, _ in sorted(os.walk(root), key=lambda w: -len(w[0])):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return  # something is in there: keep it
+
+
+MAX_IO_TASKS = 1024  # per stage: an autoscaling group without a max (count 1000) must not mean 10^5 tasks
+
+
 def io_sizes(job: UpscaleJob, pools: dict, todo: int | None = None) -> tuple[int, int]:
     """(read/decode tasks, encode/write tasks): from the CPUs the actor pools leave free, unless set.
 
-    With `todo` known, never more tasks than batches of work (more only earns Ray a warning).
+    The CPUs are those of the cluster at its largest (`pools["cpus_max"]`: autoscaling node types at their
+    max count), not at start: a cluster that scales from zero would otherwise keep the head's caps for the
+    whole run, and Ray Data's autoscaling requests stay within those caps. Ray Data launches only what the
+    nodes up now can hold. With `todo` known, never more tasks than batches of work.
     """
     r = job.resources
     if r.io_tasks:
         reads = writes = r.io_tasks
     else:
-        cpus = ray_runtime.cluster_cpus() or float(os.cpu_count() or 1)
-        free = max(1.0, cpus - pools["sr_actors"] * pools["sr_cpus"] - pools["semantic_actors"] * pools["semantic_cpus"])
+        cpus = max(pools.get("cpus_max") or 0.0, ray_runtime.cluster_cpus() or float(os.cpu_count() or 1))
+        sr = pools.get("sr_actors_max", pools["sr_actors"])
+        free = max(1.0, cpus - sr * pools["sr_cpus"] - pools["semantic_actors"] * pools["semantic_cpus"])
         # Reads wait on the network (0.25 CPU each, threads inside); encoding is CPU-bound: half the free CPUs each.
-        reads, writes = max(2, int(free * 0.5 / r.io_cpus)), max(2, int(free * 0.5 / r.encode_cpus))
+        reads = min(MAX_IO_TASKS, max(2, int(free * 0.5 / r.io_cpus)))
+        writes = min(MAX_IO_TASKS, max(2, int(free * 0.5 / r.encode_cpus)))
     if todo:
         reads, writes = min(reads, math.ceil(todo / r.io_batch)), min(writes, math.ceil(todo / r.sr_batch))
     return reads, writes
@@ -225,6 +281,9 @@ def _build_dataset(job: UpscaleJob, plan: Plan, pools: dict, journal=None, progr
                                                    "policy": policy, "max_bytes": job.max_input_bytes, **guard},
                         batch_size=r.io_batch, num_cpus=pools["io_cpus"], compute=TaskPoolStrategy(size=reads),
                         **task_retry)
+    # Ray Data hands an actor whole blocks: without this an SR call took a whole read block (io_batch rows),
+    # two in flight per actor (hour-long tails at x4, coarse retries). Blocks of a model batch instead.
+    ds = ds.repartition(target_num_rows_per_block=min(r.sr_batch, r.semantic_batch))
     sr_kwargs = {"config": model, "base_seed": job.base_seed, "cpu_threads": pools.get("cpu_threads"),
                  "max_output_pixels": job.max_output_pixels, "storage": storage,
                  "gpu_share": pools["sr_gpus"] or 1.0, "time_budget_s": job.time_budget_s, **guard}
@@ -332,11 +391,17 @@ def _run_leased(job: UpscaleJob, lease: DstLease, *, on_plan=None, on_progress: 
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the CLI draws its own
-    ctx.wait_for_min_actors_s = int(job.actor_start_timeout_s)  # never hang silently on unschedulable actors
     ctx.max_errored_blocks = job.retries.max_errored_blocks
     plan = make_plan(job)
-    plan.pools = plan_pools(job, nodes=ray_runtime.alive_nodes(), autoscale=ray_runtime.autoscaling_node_types(),
-                            todo=plan.to_process)
+    autoscale = ray_runtime.autoscaling_node_types()
+    plan.pools = plan_pools(job, nodes=ray_runtime.alive_nodes(), autoscale=autoscale, todo=plan.to_process)
+    cold = any(t.gpus > 0 for t in autoscale)
+    # Never hang silently on unschedulable actors; a GPU node the autoscaler adds needs longer to start.
+    ctx.wait_for_min_actors_s = int(job.actor_start_timeout_s or (1800 if cold else 900))
+    ctx.execution_no_progress_timeout_s = no_progress_timeout_s(job, ctx.wait_for_min_actors_s)
+    if cold and job.resources.sr_actors and plan.to_process:
+        # A count was asked for: have the autoscaler add every node it needs now, not one pending actor at a time.
+        ray_runtime.request_bundles(sr_bundles(plan.pools))
     log.info("ugcsr: Ray at %s; %d image(s) to process, %d skipped; pools %s", where, plan.to_process, plan.skipped,
              json.dumps(plan.pools))
     if on_plan:
@@ -376,7 +441,26 @@ def _run_leased(job: UpscaleJob, lease: DstLease, *, on_plan=None, on_progress: 
             _remove(join(job.dst, "_state", "todo", plan.run_id), job.storage)
         for actor in helpers:
             ray.kill(actor)
+        if cold and job.resources.sr_actors:
+            ray_runtime.request_bundles([])  # the request stands until replaced: let the cluster scale down
     return summary
+
+
+def no_progress_timeout_s(job: UpscaleJob, start_s: float) -> float:
+    """Ray Data's no-progress abort (default 30 min) for this job: actors starting, then two SR batches at the
+    time budget per image (one actor, its two batches in flight). A healthy run with few GPUs never hits it;
+    a hung one still ends. -1 (off) when the SR time is unbounded."""
+    if job.time_budget_s is None:
+        return -1
+    return start_s + 2 * job.resources.sr_batch * job.time_budget_s
+
+
+def sr_bundles(pools: dict) -> list[dict]:
+    """The resources of every SR actor (and semantic actor) of the pools, as autoscaler bundles."""
+    sr = {"CPU": pools["sr_cpus"], "GPU": pools["sr_gpus"]}
+    sem = {"CPU": pools["semantic_cpus"], "GPU": pools["semantic_gpus"]}
+    bundles = [sr] * pools["sr_actors"] + ([sem] * pools["semantic_actors"] if pools["layout"] != "fused" else [])
+    return [{k: v for k, v in b.items() if v} for b in bundles]
 
 
 def _execute(ds, tally: Tally, poller, lease: DstLease) -> None:
@@ -516,7 +600,13 @@ def dry_run(job: UpscaleJob) -> dict:
     """
     check_paths(job)
     ray_runtime.connect(job.address)
-    plan = make_plan(job, write=False)
+    fs, dst_path = filesystem(job.dst, job.storage)
+    new_dst = is_local(fs) and not os.path.exists(dst_path)
+    try:
+        plan = make_plan(job, write=False)
+    finally:
+        if new_dst:  # the planning pieces made DST: leave no folder behind
+            _prune_empty(dst_path)
     try:
         pools = plan_pools(job, nodes=ray_runtime.alive_nodes(), autoscale=ray_runtime.autoscaling_node_types(),
                            todo=plan.to_process)

@@ -82,6 +82,28 @@ def test_autoscaling_pool_starts_small_and_may_grow_to_the_node_types():
     assert capped["sr_actors_max"] == 4
 
 
+def test_io_tasks_are_sized_for_the_cluster_at_its_largest_not_at_start(monkeypatch):
+    """Issue 19: read/write caps came from the CPUs up at start (the head's, on a cluster that scales from zero)
+    and held for the whole run, so Ray Data's autoscaling requests never grew past them."""
+    from pipelines.upscale.run import MAX_IO_TASKS, io_sizes
+
+    monkeypatch.setattr(ray_runtime, "cluster_cpus", lambda: HEAD.cpus)
+    groups = [NodeShape(cpus=32.0, gpus=8.0, count=4, autoscaled=True), NodeShape(cpus=16.0, gpus=0.0, count=8,
+                                                                                     autoscaled=True)]
+    start = plan_pools(job(preset="wild"), nodes=[HEAD, gpu_node(8)])
+    grown = plan_pools(job(preset="wild"), nodes=[HEAD], autoscale=groups)
+    assert grown["cpus_max"] == 4 * 32 + 8 * 16
+    reads0, writes0 = io_sizes(job(preset="wild"), start, todo=10**6)
+    reads, writes = io_sizes(job(preset="wild"), grown, todo=10**6)
+    assert reads > 4 * reads0 and writes > 4 * writes0, (reads0, writes0, reads, writes)
+    r = job(preset="wild").resources
+    assert io_sizes(job(preset="wild"), grown, todo=3) == (-(-3 // r.io_batch), -(-3 // r.sr_batch)), \
+        "never more tasks than batches of work"
+    unbounded = plan_pools(job(preset="wild"), nodes=[HEAD], autoscale=[NodeShape(cpus=32.0, gpus=8.0, count=1000,
+                                                                                   autoscaled=True)])
+    assert max(io_sizes(job(preset="wild"), unbounded, todo=10**8)) == MAX_IO_TASKS
+
+
 def test_real_weights_without_any_gpu_are_refused_unless_allowed():
     with pytest.raises(ValueError, match="--allow-cpu"):
         plan_pools(job(preset="wild"), nodes=[HEAD])

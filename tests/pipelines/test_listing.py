@@ -11,9 +11,11 @@ from cluster.lease import DstLease
 from cluster.storage import StorageConfig, error_code
 from tests.support.inputs import rng_image
 from pipelines.upscale.job import UpscaleJob
-from pipelines.upscale.listing import list_inputs, merge_bucket, split_buckets
+from pipelines.upscale.listing import list_inputs, merge_bucket
+from pipelines.upscale.pieces import bucket_of
 from pipelines.cli import app
-from pipelines.upscale.manifest import SCHEMA, read_manifest, to_table
+from pipelines.upscale.manifest import SCHEMA, to_table
+from pipelines.upscale.outputs import latest_rows, read_run_manifest
 from pipelines.upscale.run import make_plan, plan_pools
 from srmodel import get_preset
 from srmodel.sampling.seeds import image_id_from_uri
@@ -51,7 +53,8 @@ def test_buckets_keep_clashing_keys_together_and_dedupe_uris():
     uris = [f"file:///d/{(i % 100) // 2}.{'jpg' if i % 2 else 'png'}" for i in range(200)]  # 100 distinct, clashing stems
     keys = [u.rsplit("/", 1)[1].split(".")[0] + ".png" for u in uris]
     table = pa.table({"image_id": [image_id_from_uri(u) for u in uris], "src_uri": uris, "dst_key": keys})
-    parts = split_buckets(table, keys, 7)
+    ids = [bucket_of(k, 7) for k in keys]
+    parts = [table.filter(pa.array([i == k for i in ids])) for k in range(7)]
     assert sum(len(p) for p in parts) == 200
     merged = [merge_bucket([p]) for p in parts]
     assert sum(len(m) for m in merged) == 100, "one row per distinct URI"
@@ -152,10 +155,16 @@ def test_compaction_keeps_the_latest_row_and_resume_reads_both_layouts(ray_local
     done = CliRunner().invoke(app, ["manifest", "compact", str(dst), "--rows-per-file", "4"])
     assert done.exit_code == 0, done.output
     out = json.loads(done.stdout)
-    assert out["files_before"] == 4 and out["rows_before"] == 9 and out["rows_after"] == 6
-    rows = read_manifest(str(dst), S).to_pylist()
+    # Per run folder (issue 19: no global shuffle, every row keeps its run): run=a's one old-schema part is
+    # rewritten in today's schema, run=b's three parts become one.
+    assert out == {"files_before": 4, "files_after": 2, "rows_before": 9, "rows_after": 9}, out
+    parts = sorted((dst / "_manifest").rglob("*.parquet"))
+    assert [p.parent.name for p in parts] == ["run=a", "run=b"] and all("compacted" in p.name for p in parts)
+    rows = latest_rows(read_run_manifest(str(dst), S))
     assert len(rows) == 6 and sum(r["status"] == "ok" for r in rows) == 3, "latest row per image and params_hash"
-    assert all(f.parent.name.startswith("run=compacted-") for f in (dst / "_manifest").rglob("*.parquet"))
+    again = CliRunner().invoke(app, ["manifest", "compact", str(dst), "--rows-per-file", "4"])
+    assert json.loads(again.stdout)["files_after"] == 2 and sorted((dst / "_manifest").rglob("*.parquet")) == parts, \
+        "compacted parts in today's schema stay as they are"
     assert make_plan(j, write=False).to_process == 3, "resume reads compacted parts"
     _fake_manifest(dst, [_row(listing[3], dst, params=p, when=99)], run="c")
     assert make_plan(j, write=False).to_process == 2, "...and new run folders beside them"
@@ -228,3 +237,119 @@ def test_executions_are_groups_of_whole_shards_bounded_in_images_and_share_the_l
     limited = replace(plan, to_process=5)  # --limit 5
     assert [(g.todo_uris, g.to_process) for g in executions(limited, 3)] == [(["a"], 4), (["b"], 1)]
     assert executions(replace(plan, todo_uris=[], todo_counts=[], to_process=0), 5) == []
+
+
+@pytest.mark.parametrize("hint", [None, 7, 400])
+def test_a_piece_gives_every_bucket_its_rows_once_whatever_the_bucket_count(tmp_path, hint):
+    """Pieces are bucketed before B is known (hint None: a folder's count is known only once listed)."""
+    from pipelines.upscale.pieces import bucket_of, read_spans, spans, write_piece
+
+    keys = [f"photos/{i:05d}.png" for i in range(3000)]
+    table = pa.table({"image_id": [str(i) for i in range(3000)], "dst_key": keys})
+    piece = write_piece(str(tmp_path / "p.arrow"), table, keys, S, hint)
+    size = (tmp_path / "p.arrow").stat().st_size
+    for buckets in (1, 3, 7, 400, 4096):
+        seen, read = [], 0
+        for k in range(buckets):
+            ranges = spans([(str(tmp_path / "p.arrow"), piece)], k, buckets)
+            read += sum(end - start for _, start, end in ranges)
+            part = read_spans(ranges, table.schema, S, k, buckets)
+            assert part.schema == table.schema
+            assert {bucket_of(key, buckets) for key in part.column("dst_key").to_pylist()} <= {k}
+            seen += part.column("dst_key").to_pylist()
+        assert sorted(seen) == keys, f"B={buckets}: every row exactly once"
+        if buckets == hint:
+            assert read <= size, "with the bucket count known, each bucket reads only its own batches"
+
+
+def test_what_a_planning_task_returns_to_the_driver_does_not_grow_with_its_rows(tmp_path):
+    """Issue 19: list/done tasks returned B tables each (num_returns=B), ~10^5 objects held by the driver at
+    T=256, B=400. A task now stores its rows as one piece and returns counts and offsets of fixed size."""
+    import pickle
+
+    from pipelines.upscale.listing import list_piece
+
+    src = tmp_path / "src"
+    sizes = {}
+    for n in (10, 4000):
+        folder = src / str(n)
+        folder.mkdir(parents=True)
+        for i in range(n):
+            (folder / f"{i:05d}.png").write_bytes(b"")
+        ctx = {"src": str(src), "dst_path": str(tmp_path / "out"), "format": "png",
+               "storage": S.model_dump(mode="json"), "cwd": str(tmp_path)}
+        out = list_piece([("tree", str(folder))], ctx, str(tmp_path / f"list-{n}.arrow"), 400)
+        assert out["rows"] == n
+        sizes[n] = len(pickle.dumps(out))
+    assert abs(sizes[4000] - sizes[10]) <= 8 and max(sizes.values()) <= 40_000, sizes
+
+
+def _moto_keys(bucket: str, keys: list[str]) -> None:
+    """Many keys straight into moto's in-process store (20,000 PUTs over HTTP take minutes on 2 cores)."""
+    from moto.s3.models import s3_backends
+
+    backend = s3_backends["123456789012"]["global"]
+    for key in keys:
+        backend.put_object(bucket, key, b"")
+
+
+def test_a_flat_s3_prefix_is_listed_in_key_ranges_by_several_tasks(ray_local, s3, s3_endpoint):
+    """Issue 19: a flat prefix was listed in full by one task (fs.ls keeping a dict per key), then again by the
+    "files" unit. It is now split into key ranges by probing pages, each listed by its own task, each key once."""
+    from pipelines.upscale.listing import _rows_of_unit, discover_units, group_units
+
+    s3.create_bucket(Bucket="src")
+    names = [f"flat/{i:05d}.png" for i in range(20_000)] + ["flat/sub/a.png", "flat/zz.txt", "flat/out/done.png"]
+    _moto_keys("src", names)
+    storage = StorageConfig(endpoint_url=s3_endpoint)
+    units, known = discover_units("s3://src/flat", "s3://src/flat/out", storage, max_units=4)
+    groups = group_units(units, 4)
+    assert known is None and len(units) >= 4 and len(groups) == 4, units
+    ctx = {"src": "s3://src/flat", "dst_path": "src/flat/out", "format": "png",
+           "storage": storage.model_dump(mode="json"), "cwd": "/"}
+    per_group = [[u for unit in g for u in _rows_of_unit(unit, ctx)[0]] for g in groups]
+    assert all(len(g) > 1000 for g in per_group), [len(g) for g in per_group]
+    listed = sorted(u for g in per_group for u in g)
+    want = sorted(f"s3://src/{n}" for n in names if n.endswith(".png") and not n.startswith("flat/out/"))
+    assert listed == want, "every image key once; DST under SRC and other files left out"
+    j = job("s3://src/flat", "s3://src/flat/out", storage={"endpoint_url": s3_endpoint}, plan_tasks=4)
+    plan = make_plan(j, write=False)
+    assert plan.to_process == 20_001 and plan.buckets == 1, "B from the count (20,001 rows: one bucket)"
+
+
+def test_key_range_split_keeps_a_key_that_equals_a_split_prefix(s3, s3_endpoint, monkeypatch):
+    """cat.png beside cat.png.old.png: splitting prefix "cat.png" into children loses the key "cat.png" itself."""
+    import pipelines.upscale.listing as L
+
+    monkeypatch.setattr(L, "SPLIT_PAGE", 1)  # split every prefix holding more than one key
+    s3.create_bucket(Bucket="src")
+    names = ["d/cat.png", "d/cat.png.old.png", "d/cat.png.x.png", "d/b.png", "d/c\U0010ffffz.png", "d/c\U0010ffff.png"]
+    _moto_keys("src", names)
+    storage = StorageConfig(endpoint_url=s3_endpoint)
+    units, _ = L.discover_units("s3://src/d", "s3://dst/out", storage, max_units=64)
+    assert ("keys", "src/d", "cat.png", True) in units
+    ctx = {"src": "s3://src/d", "dst_path": "dst/out", "format": "png", "storage": storage.model_dump(mode="json"),
+           "cwd": "/"}
+    listed = sorted(u for unit in units for u in L._rows_of_unit(unit, ctx)[0])
+    assert listed == sorted(f"s3://src/{n}" for n in names)
+
+
+def test_planning_pieces_are_removed_and_only_stale_ones_of_other_runs(ray_local, tmp_path):
+    import datetime as dt
+
+    from pipelines.upscale.run import _remove_stale_plans
+
+    src, dst = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    rng_image(8, 8).save(src / "a.png")
+    plans = dst / "_state" / "plan"
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    for name in ("20200101T000000Z-0a0a0a", f"{now}-1b1b1b", "not-a-run"):  # a crashed planner; a dry run now
+        (plans / name).mkdir(parents=True)
+        (plans / name / "list-00000.arrow").write_bytes(b"x")
+    plan = make_plan(job(src, dst))
+    assert plan.to_process == 1
+    assert sorted(p.name for p in plans.iterdir()) == sorted([f"{now}-1b1b1b", "not-a-run"]), \
+        "this run's pieces and a day-old run's are gone; a planning run of now and foreign folders stay"
+    _remove_stale_plans(str(dst), S, age_s=0)
+    assert sorted(p.name for p in plans.iterdir()) == ["not-a-run"]

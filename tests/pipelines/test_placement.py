@@ -103,7 +103,8 @@ def test_one_8_gpu_node_places_every_planned_actor_and_the_old_plan_did_not(one_
     assert granted == asked == 8 * split["sr_gpus"] + split["semantic_gpus"]
 
 
-def test_node_types_published_by_an_autoscaler_are_read_and_planned(one_node_8_gpus):
+def test_node_types_published_by_an_autoscaler_are_read_and_planned(one_node_8_gpus, tmp_path, tiny_cache,
+                                                                    monkeypatch):
     """What KubeRay's / the launcher's autoscaler publishes in the GCS (a ClusterConfig): read back, planned."""
     import ray
     from ray.core.generated import autoscaler_pb2
@@ -130,6 +131,26 @@ def test_node_types_published_by_an_autoscaler_are_read_and_planned(one_node_8_g
         plan = plan_pools(tiny_job(), nodes=ray_runtime.alive_nodes(), autoscale=[shape], todo=1000)
         # Starts on what is there; may grow to the group's 4 x 8 GPUs (max_count counts nodes already up).
         assert (plan["sr_actors"], plan["sr_actors_max"]) == (8, 32)
+        assert plan["cpus_max"] == 4 * 32, "IO tasks are sized for the node types at their max count"
+        # Issue 19: a fixed count of actors on an autoscaling cluster is asked of the autoscaler up front
+        # (and withdrawn at the end); a cold GPU node gets the longer start timeout.
+        asked = []
+        monkeypatch.setattr(ray_runtime, "request_bundles", asked.append)
+        src = tmp_path / "in"
+        src.mkdir()
+        rng_image(8, 8).save(src / "a.png")
+        job = UpscaleJob.model_validate({**tiny_job(src, tmp_path / "out", sr_actors=2).model_dump(),
+                                         "shared_fs": True, "actor_start_timeout_s": None})
+        summary = run_upscale(job)
+        assert summary["by_status"] == {"ok": 1}
+        assert asked == [[{"CPU": 1.0, "GPU": 1.0}] * 2, []], asked
+        import ray.data
+
+        ctx = ray.data.DataContext.get_current()
+        assert ctx.wait_for_min_actors_s == 1800
+        # Ray Data's 30-minute no-progress abort would end a healthy run whose one actor takes two batches at
+        # the time budget: the start timeout plus that (sr_batch 1, time_budget_s 1800).
+        assert ctx.execution_no_progress_timeout_s == 1800 + 2 * 1 * 1800
     finally:
         _internal_kv_del(key, namespace=namespace)
     assert ray_runtime.autoscaling_node_types() == []

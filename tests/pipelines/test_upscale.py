@@ -203,3 +203,39 @@ def test_a_run_whose_lease_is_taken_writes_nothing_more(ray_local, tmp_path):
     written = sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*") if p.is_file())
     assert [p for p in written if not p.startswith("_state/")] == [], written
     assert json.loads(lease_file.read_text())["owner"] == "the other run"
+
+
+def test_sr_tasks_take_a_model_batch_not_a_whole_read_block(ray_local, tmp_path):
+    """Issue 19: Ray Data hands an actor whole blocks, so an SR task took a 32-row read block (8 model batches
+    in one task: hour-long tails at x4, a retry redoing all 32). The pipeline re-blocks to the model batch."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    from pipelines.upscale.run import Plan, build_dataset
+
+    import re
+
+    class Model:
+        def __call__(self, batch):
+            return batch
+
+    def tasks(ds) -> int:
+        stats = ds.map_batches(Model, batch_size=4, compute=ActorPoolStrategy(size=1), num_cpus=1).materialize().stats()
+        return int(re.search(r"MapBatches\(Model\): (\d+) tasks executed", stats).group(1))
+
+    # Like read_decode: a task that makes one 32-row block.
+    one_block = ray.data.from_items([{"id": i} for i in range(32)], override_num_blocks=1).map_batches(
+        lambda b: b, batch_size=32, num_cpus=0.25)
+    assert tasks(one_block) == 1, "Ray Data: one task for the whole block, batch_size notwithstanding"
+    assert tasks(one_block.repartition(target_num_rows_per_block=4)) == 8
+    j = job(tmp_path, tmp_path / "out", resources={"sr_batch": 4, "io_batch": 32})
+    plan = Plan(total=1, to_process=1, skipped=0, listing_cached=False, todo_uris=["x"], todo_counts=[1], run_id="r")
+    pools = {"layout": "fused", "sr_actors": 1, "sr_actors_max": 1, "sr_gpus": 0, "sr_cpus": 1, "semantic_actors": 0,
+             "semantic_gpus": 0, "semantic_cpus": 1, "io_cpus": 0.25, "cpus_max": 8}
+    ops, op = [], build_dataset(j, plan, pools)._logical_plan.dag
+    while op is not None:
+        ops.append(op)
+        op = op.input_dependencies[0] if op.input_dependencies else None
+    names = [o.name for o in reversed(ops)]
+    repart = next(i for i, n in enumerate(names) if "Repartition" in n)
+    assert "read_decode" in names[repart - 1] and "SemanticSRStage" in names[repart + 1], names
