@@ -137,8 +137,10 @@ class UpscaleJob(BaseModel):
         "default 900 s, 1800 s when an autoscaler adds the GPU nodes (a cold node pulls the image and stages "
         "~13 GB of weights)")
     manifest_rows_per_file: int = Field(
-        1024, ge=1, description="rows per manifest part (a killed driver loses at most the parts in flight; "
-        "`ugcsr manifest compact` merges parts later)")
+        1024, ge=1, description="rows per manifest part, at most (`ugcsr manifest compact` merges parts later)")
+    manifest_max_age_s: float = Field(
+        60.0, gt=0, description="a manifest part is written once its oldest row waited this long, full or not: "
+        "a killed driver loses the rows of at most this much work (their images are redone on resume)")
     plan_buckets: int | None = Field(None, ge=1, le=4096, description="hash buckets of the listing and resume anti-join; "
                                      "default: one per 250k listed images (counted once listed)")
     plan_tasks: int | None = Field(None, ge=1, description="parallel listing tasks; default: from the cluster's CPUs")

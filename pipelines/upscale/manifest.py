@@ -129,26 +129,24 @@ def part_name(image_ids) -> str:
     return f"part-{digest}.parquet"
 
 
-def write_part(batch: dict, *, dst: str, run_id: str, storage: dict, params_hash: str, model_id: str,
-               node_id: str, fence: dict | None = None) -> dict:
-    """The manifest sink (a Ray Data task): writes the batch's rows as one Parquet part, returns ONE small row.
+def write_part(rows: list[dict], *, dst: str, run_id: str, storage: dict, fence: dict | None = None) -> dict:
+    """Writes manifest rows (rows_from_batch) as one Parquet part; returns ONE small count row.
 
-    The driver iterates these count rows with O(1) memory; the rows themselves never reach it. With
-    `fence` (the DST lease's id and ttl), nothing is written once this run lost the lease.
+    Called by the driver's ManifestSink (run.py). With `fence` (the DST lease's id and ttl), nothing is
+    written once this run lost the lease.
     """
     if fence:
         check_lease(dst, storage, **fence)
-    rows = rows_from_batch(batch, params_hash=params_hash, model_id=model_id, node_id=node_id)
     name = part_name(r["image_id"] for r in rows)
     buf = io.BytesIO()
     pq.write_table(to_table(rows), buf)
     write_bytes_atomic(join(run_dir(dst, run_id), name), buf.getvalue(), StorageConfig.model_validate(storage))
     errors = Counter(r["error_type"] for r in rows if r["error_type"])
-    out = {"part": [name], "rows": [len(rows)], "ok": [sum(r["status"] == "ok" for r in rows)],
-           "error_types": [json.dumps(dict(errors))]}
+    out = {"part": name, "rows": len(rows), "ok": sum(r["status"] == "ok" for r in rows),
+           "error_types": json.dumps(dict(errors))}
     for s in STAGES:
         values = [r["timings_ms"][s] for r in rows if r["timings_ms"][s]]
-        out[f"{s}_ms_sum"], out[f"{s}_n"] = [float(sum(values))], [len(values)]
+        out[f"{s}_ms_sum"], out[f"{s}_n"] = float(sum(values)), len(values)
     return out
 
 

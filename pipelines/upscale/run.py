@@ -3,9 +3,9 @@
 plan (Ray tasks: listing shards, resume anti-join) -> read_parquet(todo shards)
 -> read + decode (CPU tasks, concurrent fetches) -> semantic (actor pool) -> SR
 (actor pool; or one fused semantic+SR pool) -> encode + write (CPU tasks) ->
-manifest sink (CPU tasks write Parquet parts under DST/_manifest/run=<id>/ and
-return one count row each). The driver holds the plan's counts and iterates
-count rows: its memory does not grow with the number of images.
+the driver's manifest sink (Parquet parts under DST/_manifest/run=<id>/, written
+when full or a minute old). The driver holds the plan's counts and at most one
+part's rows: its memory does not grow with the number of images.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ from srmodel.stages import resolve
 
 from . import listing as L
 from .job import SEMANTIC_MEMORY_GB, SR_MEMORY_GB, UpscaleJob
-from .manifest import STAGES, done_piece, manifest_files, new_run_id, run_dir, write_part, write_summary
+from .manifest import (STAGES, done_piece, manifest_files, new_run_id, rows_from_batch, run_dir, write_part,
+                       write_summary)
 from ..paths import IMAGE_EXTENSIONS
 from .pieces import spans
 from .pools import plan_pools
@@ -309,16 +310,72 @@ def _build_dataset(job: UpscaleJob, plan: Plan, pools: dict, journal=None, progr
                                              "storage": storage, "progress": progress, "fence": fence, **guard},
                         batch_size=r.sr_batch, num_cpus=r.encode_cpus, compute=TaskPoolStrategy(size=writes),
                         **task_retry)
-    meta = dict(dst=job.dst, run_id=plan.run_id, storage=storage, params_hash=job.params_hash(),
-                model_id=_model_id(job), node_id=socket.gethostname(), fence=fence)
-    sinks = max(1, min(2, math.ceil(plan.to_process / job.manifest_rows_per_file)))
-    ds = ds.map_batches(write_part, fn_kwargs=meta, batch_size=job.manifest_rows_per_file, num_cpus=0.25,
-                        compute=TaskPoolStrategy(size=sinks), **task_retry)
     return ds
 
 
+class ManifestSink:
+    """The manifest's writer, on the driver: rows of written images come back from the write stage (a few
+    strings and numbers each) and leave as a Parquet part once `rows` are in or the oldest waited `max_age_s`,
+    whichever first. A killed driver loses at most that much; a bounded buffer is all the driver holds.
+
+    A timer thread flushes an old buffer while the stream waits (a slow SR batch); `close` writes the rest.
+    Each part's count row goes to `tally`.
+    """
+
+    def __init__(self, job: UpscaleJob, run_id: str, tally: Tally, fence: dict | None):
+        self.meta = dict(dst=job.dst, run_id=run_id, storage=job.storage.model_dump(mode="json"), fence=fence)
+        self.row_meta = dict(params_hash=job.params_hash(), model_id=_model_id(job), node_id=socket.gethostname())
+        self.rows, self.max_age_s, self.tally = job.manifest_rows_per_file, job.manifest_max_age_s, tally
+        self.pending: list[dict] = []
+        self.since = 0.0
+        self.error: BaseException | None = None
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        self._timer = threading.Thread(target=self._tick, name="ugcsr-manifest", daemon=True)
+        self._timer.start()
+
+    def add(self, table) -> None:
+        """One block of the write stage's output (a pyarrow table)."""
+        rows = rows_from_batch(table.to_pydict(), **self.row_meta)
+        with self._lock:
+            if not self.pending:
+                self.since = time.monotonic()
+            self.pending += rows
+            if len(self.pending) >= self.rows:
+                self._flush()
+        self.raise_error()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(min(5.0, self.max_age_s / 4)):
+            with self._lock:
+                if self.pending and time.monotonic() - self.since >= self.max_age_s:
+                    try:
+                        self._flush()
+                    except BaseException as err:  # noqa: BLE001 - raised in the driver loop (raise_error)
+                        self.error = err
+                        return
+
+    def _flush(self) -> None:
+        if self.pending:
+            self.tally.add(write_part(self.pending, **self.meta))
+            self.pending = []
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self, flush: bool = True) -> None:
+        """Stop the timer; write what is buffered unless `flush` is False (a run that lost its lease)."""
+        self._stop.set()
+        self._timer.join(timeout=30)
+        with self._lock:
+            if flush:
+                self._flush()
+            self.pending = []
+        self.raise_error()
+
+
 class Tally:
-    """Running counts from the sink's count rows: the driver keeps no per-image state."""
+    """Running counts from the manifest parts' count rows: the driver keeps no per-image state."""
 
     def __init__(self):
         self.rows = self.ok = self.parts = self.executions = 0
@@ -326,6 +383,7 @@ class Tally:
         self.stage_ms = {s: [0.0, 0] for s in STAGES}
 
     def add(self, rec: dict) -> None:
+        """A part's count row (write_part)."""
         self.parts += 1
         self.rows += int(rec["rows"])
         self.ok += int(rec["ok"])
@@ -426,7 +484,8 @@ def _run_leased(job: UpscaleJob, lease: DstLease, *, on_plan=None, on_progress: 
                 if len(groups) > 1:
                     log.info("ugcsr: execution %d/%d: %d image(s) in %d todo shard(s)", k + 1, len(groups),
                              part.to_process, len(part.todo_uris))
-                _execute(build_dataset(job, part, plan.pools, journal, counter, lease.fence), tally, poller, lease)
+                _execute(build_dataset(job, part, plan.pools, journal, counter, lease.fence),
+                         ManifestSink(job, plan.run_id, tally, lease.fence), poller, lease)
                 tally.executions += 1
         state = "finished"
     finally:
@@ -463,19 +522,20 @@ def sr_bundles(pools: dict) -> list[dict]:
     return [{k: v for k, v in b.items() if v} for b in bundles]
 
 
-def _execute(ds, tally: Tally, poller, lease: DstLease) -> None:
-    """Stream one execution to its end, adding what the write stage reports to the tally.
+def _execute(ds, sink: ManifestSink, poller, lease: DstLease) -> None:
+    """Stream one execution to its end, the write stage's rows into the manifest sink.
 
     A lost lease ends it (LeaseLost): every writer task checks before it writes, the driver between batches
     and once the execution ends (Ray Data passes over up to `max_errored_blocks` failed blocks silently).
+    Whatever ends the execution, the rows already written to DST are flushed into the manifest first
+    (unless the lease is lost: then nothing more is written).
     """
     lost = LeaseLost(f"DST {lease.dst}: this run lost its DST lease ({lease.uri}); it stopped writing. "
                      "Run again to resume once the other run ended")
     batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0))
     try:
         for batch in batches:
-            for rec in batch.to_pylist():
-                tally.add(rec)
+            sink.add(batch)
             if poller:
                 poller.raise_error()
             lease.check()
@@ -484,11 +544,19 @@ def _execute(ds, tally: Tally, poller, lease: DstLease) -> None:
         if _lost(lease):
             raise lost
     except LeaseLost:
+        sink.close(flush=False)
         raise
-    except Exception as err:
+    except BaseException as err:
         if _lost(lease):  # a writer refused to write: say why, without Ray's wrapping
+            sink.close(flush=False)
             raise lost from err
+        try:
+            sink.close()  # the rows of images already written, even when the run fails or is interrupted
+        except Exception:  # noqa: BLE001 - the run's own error is the one to report
+            log.exception("ugcsr: could not write the last manifest part (its images are redone on resume)")
         raise
+    else:
+        sink.close()
     finally:
         if hasattr(batches, "close"):
             batches.close()  # an interrupted run stops its executor and releases its actors
