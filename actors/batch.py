@@ -19,6 +19,12 @@ def size(batch: dict) -> int:
     return len(batch["image_id"])
 
 
+def concat_rows(parts: list[dict]) -> dict:
+    """Batches with the same columns, one after the other (lists; Ray Data takes lists of arrays)."""
+    keys = parts[0].keys()
+    return {k: [x for p in parts for x in list(p[k])] for k in keys}
+
+
 def ok_rows(batch: dict) -> list[int]:
     errors = batch.get("error_type")
     if errors is None:

@@ -20,7 +20,7 @@ import hashlib
 import logging
 import os
 
-from .batch import ensure_status_columns, fail, size
+from .batch import concat_rows, ensure_status_columns, fail, size
 
 WORKER_CRASHED = "WorkerCrashed"
 # Errors after which the device is unusable in this process (CUDA sticky errors are raised as
@@ -63,11 +63,6 @@ def _rows(batch: dict, i: int) -> dict:
     return {k: v[i : i + 1] for k, v in batch.items()}
 
 
-def _concat(parts: list[dict]) -> dict:
-    keys = parts[0].keys()
-    return {k: [x for p in parts for x in list(p[k])] for k in keys}
-
-
 def end_if_fatal(out: dict) -> dict:
     """A fatal device error ends this process, so Ray replaces the actor and retries the batch."""
     fatal = [e for e in out.get("error_type", []) if e in FATAL_DEVICE_ERRORS]
@@ -105,7 +100,7 @@ def guarded_call(fn, batch: dict, stage: str, journal, max_crashes: int) -> dict
             ray.get(journal.trying.remote(key, image_id))  # recorded before the attempt that may kill us
         parts.append(end_if_fatal(fn(one)))
     journal.end.remote(key)
-    return _concat(parts)
+    return concat_rows(parts)
 
 
 class Guarded:

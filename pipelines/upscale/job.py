@@ -44,6 +44,12 @@ class ResourcesConfig(BaseModel):
     io_tasks: int | None = Field(None, ge=1, description="concurrent read/decode and write tasks (each stage); "
                                  "default: from the cluster's CPUs")
     fetch_threads: int = Field(8, ge=1, description="concurrent object fetches inside one read task")
+    read_batch_pixels: int = Field(128_000_000, ge=1, description="decoded pixels a read task holds before it hands "
+                                   "its rows on (fetched and decoded fetch_threads at a time): 32 large photos never "
+                                   "sit decoded in one task")
+    read_memory_gb: float | None = Field(None, ge=0, description="host memory (GiB) reserved per read/decode task; "
+                                         "default on GPU clusters: two read_batch_pixels of RGB plus fetch_threads x "
+                                         "32 MiB of fetched bytes; none on CPU-only ones or for the tiny preset")
     sr_memory_gb: float | None = Field(None, ge=0, description=f"host memory (GiB) reserved per SR actor; "
                                        f"default {SR_MEMORY_GB:g} on GPU clusters (fused actors add semantic_memory_gb), none on CPU-only ones or "
                                        "for the tiny preset")

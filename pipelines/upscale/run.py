@@ -260,6 +260,8 @@ def _build_dataset(job: UpscaleJob, plan: Plan, pools: dict, journal=None, progr
     guard = {"journal": journal, "max_crashes": rt.max_crashes_per_image}
     # Bounded (Ray Data's defaults are -1: a crashing input would be retried forever).
     task_retry = {"max_retries": rt.task_max_retries}
+    # Host memory is reserved for the full-size models on GPUs; the tiny preset (tests, trials on logical GPUs) needs none.
+    full = pools["sr_gpus"] > 0 and job.model.name != "tiny"
     reads, writes = io_sizes(job, pools, plan.to_process)
     # One row per todo shard; each task streams its shard's rows out in blocks of io_batch (a shard holds up
     # to ~250k small rows), so the read tasks downstream run in parallel.
@@ -270,18 +272,19 @@ def _build_dataset(job: UpscaleJob, plan: Plan, pools: dict, journal=None, progr
     if job.limit:
         ds = ds.limit(plan.to_process)
     actor_retry = {"max_restarts": rt.actor_max_restarts, "max_task_retries": rt.actor_max_task_retries}
-    # Host memory is reserved for the full-size models on GPUs; the tiny preset (tests, trials on logical GPUs) needs none.
-    full = pools["sr_gpus"] > 0 and job.model.name != "tiny"
     sr_mem = r.sr_memory_gb if r.sr_memory_gb is not None else (SR_MEMORY_GB if full else 0.0)
     sem_mem = r.semantic_memory_gb if r.semantic_memory_gb is not None else (SEMANTIC_MEMORY_GB if full else 0.0)
     s = job.model.sampler
     group = {"scale": s.upscale, "process_size": s.process_size, "multiple": job.model.tiling.pad_multiple}
     policy = policy_for(job.src, job.allow_src, IMAGE_EXTENSIONS).model_dump(mode="json")
+    read_mem = r.read_memory_gb if r.read_memory_gb is not None else (
+        (2 * 3 * r.read_batch_pixels + r.fetch_threads * 2**25) / 2**30 if full else 0.0)
     ds = ds.map_batches(io.read_decode, fn_kwargs={"storage": storage, "max_pixels": job.max_pixels,
                                                    "fetch_threads": r.fetch_threads, "group": group,
-                                                   "policy": policy, "max_bytes": job.max_input_bytes, **guard},
+                                                   "policy": policy, "max_bytes": job.max_input_bytes,
+                                                   "max_batch_pixels": r.read_batch_pixels, **guard},
                         batch_size=r.io_batch, num_cpus=pools["io_cpus"], compute=TaskPoolStrategy(size=reads),
-                        **task_retry)
+                        **({"memory": read_mem * 2**30} if read_mem else {}), **task_retry)
     # Ray Data hands an actor whole blocks: without this an SR call took a whole read block (io_batch rows),
     # two in flight per actor (hour-long tails at x4, coarse retries). Blocks of a model batch instead.
     ds = ds.repartition(target_num_rows_per_block=min(r.sr_batch, r.semantic_batch))

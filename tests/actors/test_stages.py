@@ -206,3 +206,29 @@ def test_semantic_stage_isolates_an_image_the_tagger_fails_on(tiny_cache):
     out = stage({"image_id": ["g", "b"], "image": [good, bad]})
     assert not out["error_type"][0] and out["prompt"][0]
     assert out["error_type"][1] == "RuntimeError" and out["stage"][1] == "semantic" and out["prompt"][1] == ""
+
+
+def test_a_read_task_hands_rows_on_by_decoded_pixels_not_whole_batches(tmp_path):
+    """Issue 19: a read task held its whole batch decoded (32 x 64 MP would be ~6 GB). It now fetches and
+    decodes fetch_threads rows at a time and yields once the decoded pixels reach read_batch_pixels."""
+    from actors.io import read_decode
+    from tests.support.inputs import rng_image
+
+    sizes = [(40, 40), (8, 8), (40, 40), (8, 8), (40, 40), (8, 8), (40, 40), (8, 8)]
+    for k, (w, h) in enumerate(sizes):
+        rng_image(w, h, k).save(tmp_path / f"{k}.png")
+    batch = {"image_id": np.array([str(k) for k in range(8)]),
+             "src_uri": np.array([f"file://{tmp_path}/{k}.png" for k in range(8)])}
+    group = {"scale": 4, "process_size": 512, "multiple": 8}
+    whole = list(read_decode(dict(batch), {}, max_pixels=10**6, fetch_threads=2, group=group))
+    assert len(whole) == 1 and len(whole[0]["image_id"]) == 8, "no budget: the batch as one output"
+    parts = list(read_decode(dict(batch), {}, max_pixels=10**6, fetch_threads=2, group=group,
+                             max_batch_pixels=3000))
+    assert [len(p["image_id"]) for p in parts] == [4, 4], "2 rows (1,664 px) at a time, yielded past 3,000 px"
+    assert sorted(i for p in parts for i in p["image_id"]) == [str(k) for k in range(8)]
+    assert all(not e for p in parts for e in p["error_type"])
+    from actors.decode import sort_by_working_size
+
+    for p in parts:  # each output sorted by working size within itself: sorting again changes nothing
+        again = sort_by_working_size(dict(p), **group)
+        assert list(again["image_id"]) == list(p["image_id"])
