@@ -44,26 +44,38 @@ def row_counts(paths: list[str], storage: StorageConfig, trainset: str) -> list[
 
 
 def held_out(job: TrainJob, shards: list[str]) -> tuple[list[str], list[str]]:
-    """(training shards, held-out shards): the last ones are held out for validation pictures."""
-    hold = job.holdout_shards if job.holdout_shards is not None else (1 if len(shards) >= 2 and job.val_images else 0)
+    """(training shards, held-out shards): the last `holdout_shards` (default none: rows are held out instead)."""
+    hold = job.holdout_shards or 0
     if hold >= len(shards):
         raise ValueError(f"holdout_shards={hold} leaves no training shard (TRAINSET has {len(shards)})")
     return shards[: len(shards) - hold], shards[len(shards) - hold:]
 
 
-def validation_rows(job: TrainJob, held: list[str]) -> list[dict]:
-    """The first job.val_images rows of the held-out shards (undecoded: PNG bytes and prompt)."""
+def validation_rows(job: TrainJob, held: list[str], train: list[str]) -> list[dict]:
+    """The first job.val_images rows of the held-out shards, else of the last training shard (undecoded: PNG
+    bytes and prompt). Rows taken from a training shard are kept out of training (`dataset(exclude=...)`)."""
     fs, _ = filesystem(job.trainset, job.storage)
     rows = []
-    for p in held:
+    for p in held or train[-1:]:
         with fs.open(p, "rb") as f:
-            rows += pq.read_table(f, columns=["unit_id", "lr_png", "gt_png", "prompt"]).to_pylist()
-        if len(rows) >= job.val_images:
-            break
+            pf = pq.ParquetFile(f)
+            for i in range(pf.num_row_groups):  # a row group at a time: a shard can be GBs of PNGs
+                rows += pf.read_row_group(i, columns=["unit_id", "lr_png", "gt_png", "prompt"]).to_pylist()
+                if len(rows) >= job.val_images:
+                    return rows[: job.val_images]
     return rows[: job.val_images]
 
 
-def dataset(job: TrainJob, paths: list[str], tokenizer_folder: str):
+def drop_units(batch, ids: list[str]):
+    """(map_batches, pyarrow) the rows whose unit_id is not in `ids`."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return batch.filter(pc.invert(pc.is_in(batch["unit_id"], value_set=pa.array(ids, pa.string()))))
+
+
+def dataset(job: TrainJob, paths: list[str], tokenizer_folder: str, exclude: list[str] = ()):
+    """The training stream; rows whose unit_id is in `exclude` (held-out validation rows) never reach it."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
@@ -71,6 +83,8 @@ def dataset(job: TrainJob, paths: list[str], tokenizer_folder: str):
 
     fs, _ = arrow_filesystem(job.trainset, job.storage)
     ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(["unit_id", "gt_png", "lr_png", "prompt"])
+    if exclude:
+        ds = ds.map_batches(drop_units, fn_kwargs={"ids": list(exclude)}, batch_format="pyarrow", batch_size=None)
     if job.shuffle:
         ds = ds.randomize_block_order(seed=job.recipe.seed)
     return ds.map_batches(TrainDecode, fn_constructor_kwargs={"tokenizer_folder": tokenizer_folder,

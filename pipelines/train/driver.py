@@ -91,11 +91,13 @@ def run_train(job: TrainJob, *, num_cpus: int | None = None, log=print) -> dict:
     check_uris({**model.source.paths(), "seesr_init": job.recipe.seesr_init}, job.storage)
     shards = list_shards(job.trainset, job.storage)
     train_paths, held = held_out(job, shards)
+    val_rows = validation_rows(job, held, train_paths) if job.val_images else []
+    # Validation rows taken from a training shard are kept out of training (held out by unit_id).
+    exclude = [] if held else [str(r["unit_id"]) for r in val_rows]
     counts = row_counts(train_paths, job.storage, job.trainset)
-    if sum(counts) < job.workers * job.recipe.batch_size:
-        raise ValueError(f"TRAINSET has {sum(counts)} training rows, fewer than workers x batch size "
+    if sum(counts) - len(exclude) < job.workers * job.recipe.batch_size:
+        raise ValueError(f"TRAINSET has {sum(counts) - len(exclude)} training rows, fewer than workers x batch size "
                          f"({job.workers} x {job.recipe.batch_size})")
-    val_rows = validation_rows(job, held) if job.val_images else []
     _warn_if_no_prompts(job, train_paths, log)
     ray_runtime.connect(job.address, num_cpus=num_cpus)
     ray_runtime.check_local_paths_reach_nodes(
@@ -123,7 +125,7 @@ def run_train(job: TrainJob, *, num_cpus: int | None = None, log=print) -> dict:
     from ray.util.queue import Queue
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = dataset(job, train_paths, join(model.source.sd_base, "tokenizer"))
+    ds = dataset(job, train_paths, join(model.source.sd_base, "tokenizer"), exclude)
     if job.materialize:
         ds = ds.materialize()
     options = ray.data.ExecutionOptions(preserve_order=not job.shuffle)
@@ -132,7 +134,7 @@ def run_train(job: TrainJob, *, num_cpus: int | None = None, log=print) -> dict:
     storage_fs, storage_path = arrow_filesystem(job.run, job.storage)
     queue = Queue(actor_options={"num_cpus": 0})
     loop_config = {"job": job.model_copy(update={"model": model}).model_dump(mode="json"), "val_rows": val_rows,
-                   "train_rows": sum(counts), "queue": queue}
+                   "train_rows": sum(counts) - len(exclude), "queue": queue}
     resources = worker_resources(job, gpus, model.name)
     trainer = TorchTrainer(
         train_loop,

@@ -30,8 +30,8 @@ class TrainJob(BaseModel):
     validate_every: int | None = Field(None, ge=1, description="steps between validation pictures (a multiple "
                                        "of checkpoint_every; default: every checkpoint)")
     val_images: int = Field(4, ge=0, description="held-out LR images super-resolved at each validation")
-    holdout_shards: int | None = Field(None, ge=0, description="shards kept out of training for validation "
-                                       "(default: 1 when there are at least 2)")
+    holdout_shards: int | None = Field(None, ge=0, description="whole shards kept out of training for validation; "
+                                       "default: none, only the val_images rows validated are kept out")
     workers: int = Field(1, ge=1)
     gpus_per_worker: float | None = Field(None, ge=0, description="default: 1 if the cluster has GPUs, else 0 (gloo)")
     cpus_per_worker: float = Field(1.0, gt=0)

@@ -92,12 +92,30 @@ def _held_out_batch(parts, val_rows: list[dict]) -> dict | None:
     return {k: torch.from_numpy(v) for k, v in decoded.items()} if len(decoded["key"]) else None
 
 
-def _validate(parts, trainer, val_rows: list[dict], folder: Path) -> None:
+def validation_prompts(parts, val_rows: list[dict], device) -> list[str]:
+    """The held-out LR images' prompts as `ugcsr upscale` makes them: the preset's tagger (RAM+DAPE, or its fixed
+    tags) on the LR image, not the trainset's prompt (tagged on the GT). Once per run; the tagger is freed after."""
+    from actors.decode import decode_image
+    from srmodel.prompts import build_prompt
+    from srmodel.stages import load_tagger
+
+    s = parts.config.sampler
+    tagger = load_tagger(parts.config, device)
+    try:
+        with torch.no_grad():
+            tags = tagger([decode_image(r["lr_png"])[0] for r in val_rows])
+    finally:
+        del tagger
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return [build_prompt(t, s.user_prompt, s.added_prompt, added_first=s.added_prompt_first) for t in tags]
+
+
+def _validate(parts, trainer, val_rows: list[dict], prompts: list[str], folder: Path) -> None:
     """Super-resolve the held-out LR images with the current weights (rank 0), PNGs into folder."""
     from PIL import Image
 
     from actors.decode import decode_image
-    from srmodel.prompts import build_prompt
     from srmodel.sampling.seeds import seed_for
     from srmodel.train.step import unwrap
     from srmodel.upscaler import SemanticUpscaler, SRRequest
@@ -116,9 +134,7 @@ def _validate(parts, trainer, val_rows: list[dict], folder: Path) -> None:
             for k, row in enumerate(val_rows):
                 lr, _ = decode_image(row["lr_png"])
                 tokens = parts.encoder.encode([lr])[0]
-                prompt = build_prompt(row["prompt"].rstrip(","), s.user_prompt, s.added_prompt,
-                                      added_first=s.added_prompt_first)
-                sr = up.upscale([SRRequest(lr, tokens, prompt, seed_for(row["unit_id"]))])[0]
+                sr = up.upscale([SRRequest(lr, tokens, prompts[k], seed_for(row["unit_id"]))])[0]
                 Image.fromarray(sr).save(folder / f"{k:02d}-sr.png")
     finally:
         model.train()
@@ -172,6 +188,7 @@ def train_loop(config: dict) -> None:
     batches = _microbatches(ray.train.get_dataset_shard("train"), job, world, epoch, skip, per_epoch)
     samples_per_step = world * recipe.batch_size * recipe.grad_accum
     val_batch = _held_out_batch(parts, config.get("val_rows") or []) if rank == 0 else None
+    val_prompts = None  # made by the tagger at the first validation
     validate_every = job.validate_every or job.checkpoint_every
     started, last, first_step = time.perf_counter(), time.perf_counter(), step
 
@@ -214,7 +231,11 @@ def train_loop(config: dict) -> None:
                     pq.write_table(pa.Table.from_pylist(rows, schema=METRICS_SCHEMA), Path(tmp) / "metrics.parquet")
                     if config.get("val_rows") and step % validate_every == 0:
                         try:  # best effort: a failing validation must never cost the checkpoint it belongs to
-                            _validate(parts, trainer, config["val_rows"], Path(tmp) / "validation")
+                            if val_prompts is None:
+                                val_prompts = validation_prompts(parts, config["val_rows"], device)
+                                if queue is not None:
+                                    queue.put_nowait(f"validation prompts (tagger on the LR): {val_prompts}")
+                            _validate(parts, trainer, config["val_rows"], val_prompts, Path(tmp) / "validation")
                         except Exception as err:  # noqa: BLE001 - logged, training goes on
                             shutil.rmtree(Path(tmp) / "validation", ignore_errors=True)
                             if queue is not None:

@@ -182,7 +182,7 @@ def test_overfit_resume_export(ray_local, trainset, tiny_model, tmp_path):
     from srmodel.models.controlnet import SemanticControlNet
     from srmodel.models.unet import SemanticUNet
 
-    kw = dict(shuffle=False, materialize=True, recipe={"batch_size": 2}, checkpoint_every=12)
+    kw = dict(shuffle=False, materialize=True, recipe={"batch_size": 2}, checkpoint_every=12, holdout_shards=1)
     whole = run_train(train_job(trainset, tmp_path / "a", max_steps=24, **kw), log=lambda _: None)
     assert whole["step"] == 24
     rows = metrics(tmp_path / "a")
@@ -260,6 +260,50 @@ def _train_worker_pids(raylet_pid: int):
         if cmd.startswith("ray::") and "RayTrainWorker" in cmd and p.info["ppid"] == raylet_pid:
             found.append(p.info["pid"])
     return found
+
+
+def test_validation_rows_are_held_out_of_training_not_a_whole_shard(ray_local, trainset, tiny_model, tmp_path):
+    """Issue 20: a whole shard (half of this set) was kept out of training for 4 validation pictures."""
+    from pipelines.train.data import dataset, held_out, list_shards, validation_rows
+
+    job = train_job(trainset, tmp_path / "run", val_images=2)
+    shards = list_shards(job.trainset, job.storage)
+    train, held = held_out(job, shards)
+    assert train == shards and held == [], "no shard is held out by default"
+    val = validation_rows(job, held, train)
+    ids = [r["unit_id"] for r in val]
+    assert len(ids) == 2 and len(set(ids)) == 2
+    rows = dataset(job, train, str(Path(tiny_model.sd_base) / "tokenizer"), exclude=ids).take_all()
+    seen = [r["key"] for r in rows]
+    assert len(rows) == 16 - 2, "every row trains but the two validated"
+    from actors.train_data import sample_key
+
+    assert not {sample_key(i) for i in ids} & set(seen)
+    whole = train_job(trainset, tmp_path / "run", val_images=2, holdout_shards=1)
+    train, held = held_out(whole, shards)
+    assert held == shards[-1:] and validation_rows(whole, held, train)[0]["unit_id"] in \
+        pq.read_table(shards[-1], columns=["unit_id"]).column("unit_id").to_pylist()
+
+
+def test_validation_prompts_come_from_the_tagger_on_the_lr_as_upscale_makes_them(trainset, tiny_model):
+    """Issue 20: validation used the trainset's prompt (tagged on the GT); inference tags the LR image."""
+    from actors.decode import decode_image
+    from actors.semantic import SemanticStage
+    from pipelines.train.worker import validation_prompts
+    from srmodel.train import TrainRecipe, load_train_parts
+
+    config = get_preset("tiny").model_copy(update={"source": tiny_model})
+    assert config.sampler.prompt_source == "tagger"
+    parts = load_train_parts(config, TrainRecipe())
+    rows = pq.read_table(Path(trainset) / "shard-000001.parquet").slice(0, 3).to_pylist()
+    prompts = validation_prompts(parts, rows, torch.device("cpu"))
+    lr = [decode_image(r["lr_png"])[0] for r in rows]
+    stage = SemanticStage(config.model_dump(mode="json"), device="cpu")
+    images = np.empty(len(lr), dtype=object)
+    for k, image in enumerate(lr):
+        images[k] = image
+    out = stage({"image_id": np.array(["a", "b", "c"]), "image": images})
+    assert prompts == list(out["prompt"]) and all(prompts), (prompts, list(out["prompt"]))
 
 
 def test_worker_killed_mid_run_continues_from_last_checkpoint(ray_local, trainset, tmp_path):
