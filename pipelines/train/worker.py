@@ -21,6 +21,7 @@ import torch
 from cluster.storage import StorageConfig, join, write_bytes_atomic
 
 from .job import TrainJob, checkpoint_name
+from .tensorboard import write_events
 
 METRICS_SCHEMA = pa.schema([("step", pa.int64()), ("loss", pa.float64()), ("lr", pa.float64()),
                             ("grad_norm", pa.float64()), ("samples_per_s", pa.float64()), ("epoch", pa.int64()),
@@ -149,6 +150,7 @@ def train_loop(config: dict) -> None:
     """Ray Train's per-worker function."""
     import ray.train
     import ray.train.torch
+    from PIL import Image
     from ray.train import Checkpoint
 
     from actors.staging import staged_model, staged_path
@@ -189,6 +191,7 @@ def train_loop(config: dict) -> None:
     samples_per_step = world * recipe.batch_size * recipe.grad_accum
     val_batch = _held_out_batch(parts, config.get("val_rows") or []) if rank == 0 else None
     val_prompts = None  # made by the tagger at the first validation
+    logged, images = step, {}  # the last step in RUN/tensorboard; validation pictures for the next event file
     validate_every = job.validate_every or job.checkpoint_every
     started, last, first_step = time.perf_counter(), time.perf_counter(), step
 
@@ -236,6 +239,8 @@ def train_loop(config: dict) -> None:
                                 if queue is not None:
                                     queue.put_nowait(f"validation prompts (tagger on the LR): {val_prompts}")
                             _validate(parts, trainer, config["val_rows"], val_prompts, Path(tmp) / "validation")
+                            images = {p.stem: np.asarray(Image.open(p).convert("RGB"))
+                                      for p in sorted((Path(tmp) / "validation").glob("*-sr.png"))}
                         except Exception as err:  # noqa: BLE001 - logged, training goes on
                             shutil.rmtree(Path(tmp) / "validation", ignore_errors=True)
                             if queue is not None:
@@ -245,5 +250,12 @@ def train_loop(config: dict) -> None:
                                  checkpoint_dir_name=name)
             if rank == 0:
                 write_metrics(job.run, rows, job.storage)
+                try:  # best effort, like validation: TensorBoard files never cost a checkpoint
+                    write_events(job.run, [r for r in rows if r["step"] > logged], step, job.storage, images)
+                    logged = step
+                except Exception as err:  # noqa: BLE001 - logged, training goes on
+                    if queue is not None:
+                        queue.put_nowait(f"TensorBoard events at step {step} failed: {err!r}")
+                images = {}
                 if queue is not None:
                     queue.put_nowait(f"checkpoint {name} saved")

@@ -246,6 +246,15 @@ def test_overfit_resume_export(ray_local, trainset, tiny_model, tmp_path):
         extra = set(ours) - set(theirs)
         assert extra <= set(newer) and all(ours[k] == newer[k] for k in extra), (sub, {k: ours[k] for k in extra})
     assert (tmp_path / "a" / "loss.png").stat().st_size > 1000
+    # TensorBoard: one event file per checkpoint (the resumed run "b" logs steps 13-24 once, after its resume)
+    for run in ("a", "b"):
+        events = _tensorboard(tmp_path / run / "tensorboard")
+        steps = sorted(e.step for e in events if any(v.tag == "train/loss" for v in e.summary.value))
+        assert steps == list(range(1, 25)), (run, steps)
+        val = {e.step for e in events for v in e.summary.value if v.tag == "train/val_loss"}
+        assert val == {12, 24}
+        pictures = [v for e in events for v in e.summary.value if v.tag.startswith("validation/")]
+        assert len(pictures) == 2 and all(p.image.width > 0 for p in pictures), run
     assert (tmp_path / "a" / "train" / "checkpoint-00000012" / "validation" / "00-sr.png").is_file()
     assert (tmp_path / "a" / "validation" / "00-lr.png").is_file()
 
@@ -304,6 +313,24 @@ def test_validation_prompts_come_from_the_tagger_on_the_lr_as_upscale_makes_them
         images[k] = image
     out = stage({"image_id": np.array(["a", "b", "c"]), "image": images})
     assert prompts == list(out["prompt"]) and all(prompts), (prompts, list(out["prompt"]))
+
+
+def _tensorboard(folder) -> list:
+    """Every event of the TFRecord files in `folder`, parsed with tensorboardX's own Event proto."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    files = sorted(Path(folder).glob("events.out.tfevents.*"))
+    assert files, f"no event file in {folder}"
+    events = []
+    for f in files:
+        data, at = f.read_bytes(), 0
+        while at < len(data):
+            (n,) = struct.unpack("<Q", data[at : at + 8])
+            events.append(Event.FromString(data[at + 12 : at + 12 + n]))
+            at += 12 + n + 4
+    return events
 
 
 def test_worker_killed_mid_run_continues_from_last_checkpoint(ray_local, trainset, tmp_path):
