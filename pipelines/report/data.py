@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from cluster.storage import StorageConfig, filesystem, is_local, join
 
-from ..upscale.outputs import latest_rows, read_run_manifest, read_run_summary
+from ..upscale.outputs import latest_table, read_run_manifest, read_run_summary
 from .scope import OutOfScope, ReadScope, src_root
 
 STAGES = ("decode", "semantic", "sr", "encode")
@@ -79,8 +79,8 @@ def load_upscale_run(dst: str, storage: StorageConfig, *, eval_dir: str | None, 
     if manifest is None:
         return None
     evaluation = load_evaluation(dst, eval_dir, storage)
-    # latest_rows is the one definition of "an image's state" (evaluate uses it too); a table again for compute.
-    latest = pa.Table.from_pylist(latest_rows(manifest), schema=manifest.schema)
+    # latest_table is the one definition of "an image's state" (evaluate uses it too), computed in Arrow.
+    latest = latest_table(manifest)
     summary = read_run_summary(dst, storage) or {}
     src = _recorded_src(dst, summary, storage)
     stage_ms = _stage_ms(manifest)

@@ -13,7 +13,9 @@ import json
 import posixpath
 import re
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 
@@ -117,14 +119,25 @@ def read_listing(dst: str, storage: StorageConfig | None = None) -> pa.Table | N
 
 def latest_rows(table: pa.Table) -> list[dict]:
     """One row per image_id: the last one written (by finished_at), so a retried image shows its final state."""
-    latest: dict[str, dict] = {}
-    for r in table.to_pylist():
-        old = latest.get(r.get("image_id"))
-        if old is None or _when(r) >= _when(old):
-            latest[r.get("image_id")] = r
-    return list(latest.values())
+    return latest_table(table).to_pylist()
 
 
-def _when(row: dict) -> float:
-    at = row.get("finished_at")
-    return at.timestamp() if at is not None else float("-inf")
+def latest_table(table: pa.Table) -> pa.Table:
+    """latest_rows as a table, computed in Arrow/numpy (no Python object per row): per image_id the row with the
+    latest finished_at (null: earliest), the last in manifest order among equals; images in order of first row."""
+    n = len(table)
+    if not n:
+        return table
+    codes = pc.dictionary_encode(table.column("image_id")).combine_chunks().indices
+    codes = pc.fill_null(codes, -1).to_numpy(zero_copy_only=False)
+    if "finished_at" in table.column_names:
+        at = pc.cast(table.column("finished_at"), pa.int64())
+        at = pc.fill_null(at, np.iinfo(np.int64).min).to_numpy(zero_copy_only=False)
+    else:
+        at = np.zeros(n, np.int64)
+    order = np.lexsort((np.arange(n), at, codes))  # by image, then time, then manifest order
+    grouped = codes[order]
+    starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])
+    last = order[np.r_[starts[1:], n] - 1]
+    first = np.minimum.reduceat(order, starts)
+    return table.take(pa.array(last[np.argsort(first, kind="stable")]))

@@ -353,3 +353,34 @@ def test_planning_pieces_are_removed_and_only_stale_ones_of_other_runs(ray_local
         "this run's pieces and a day-old run's are gone; a planning run of now and foreign folders stay"
     _remove_stale_plans(str(dst), S, age_s=0)
     assert sorted(p.name for p in plans.iterdir()) == ["not-a-run"]
+
+
+def test_latest_rows_in_arrow_match_the_row_by_row_rule():
+    """Issue 19: report/evaluate made a Python dict per manifest row to find each image's latest row. The
+    Arrow version must keep the rule: latest finished_at (null earliest), the last in manifest order among
+    equals, images in order of first appearance."""
+    import datetime as dt
+    import random
+
+    from pipelines.upscale.outputs import latest_rows
+
+    def reference(rows):
+        latest = {}
+        for r in rows:
+            old = latest.get(r["image_id"])
+            when = r["finished_at"].timestamp() if r["finished_at"] else float("-inf")
+            if old is None or when >= (old["finished_at"].timestamp() if old["finished_at"] else float("-inf")):
+                latest[r["image_id"]] = r
+        return list(latest.values())
+
+    rng = random.Random(0)
+    base = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    for _ in range(20):
+        rows = [{"image_id": rng.choice(["a", "b", "c", "d", None]), "status": rng.choice(["ok", "error"]),
+                 "finished_at": rng.choice([None, base, base + dt.timedelta(seconds=rng.randint(0, 3))]),
+                 "k": k} for k in range(rng.randint(1, 40))]
+        table = pa.Table.from_pylist(rows, schema=pa.schema([("image_id", pa.string()), ("status", pa.string()),
+                                                              ("finished_at", pa.timestamp("us", tz="UTC")),
+                                                              ("k", pa.int64())]))
+        assert [r["k"] for r in latest_rows(table)] == [r["k"] for r in reference(rows)]
+    assert latest_rows(table.slice(0, 0)) == []
