@@ -103,13 +103,6 @@ def autoscaling_node_types() -> list[NodeShape]:
     return shapes
 
 
-def request_bundles(bundles: list[dict]) -> None:
-    """Ask the autoscaler for these resource bundles at once (an empty list withdraws the request)."""
-    from ray.autoscaler.sdk import request_resources
-
-    request_resources(bundles=bundles)
-
-
 def local_addresses() -> set[str]:
     """IP addresses of this machine, to tell whether every Ray node is this machine."""
     addrs = {"127.0.0.1", "localhost"}

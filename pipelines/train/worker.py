@@ -93,22 +93,26 @@ def _held_out_batch(parts, val_rows: list[dict]) -> dict | None:
     return {k: torch.from_numpy(v) for k, v in decoded.items()} if len(decoded["key"]) else None
 
 
-def validation_prompts(parts, val_rows: list[dict], device) -> list[str]:
+def validation_prompts(parts, val_rows: list[dict]) -> list[str]:
     """The held-out LR images' prompts as `ugcsr upscale` makes them: the preset's tagger (RAM+DAPE, or its fixed
-    tags) on the LR image, not the trainset's prompt (tagged on the GT). Once per run; the tagger is freed after."""
+    tags) on the LR image, not the trainset's prompt (tagged on the GT). Once per run, on the CPU (the training
+    GPU's memory is the model's); the tagger is freed after."""
     from actors.decode import decode_image
-    from srmodel.prompts import build_prompt
     from srmodel.stages import load_tagger
 
-    s = parts.config.sampler
-    tagger = load_tagger(parts.config, device)
+    tagger = load_tagger(parts.config, "cpu")
     try:
         with torch.no_grad():
             tags = tagger([decode_image(r["lr_png"])[0] for r in val_rows])
     finally:
         del tagger
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    return _prompts(parts, tags)
+
+
+def _prompts(parts, tags: list[str]) -> list[str]:
+    from srmodel.prompts import build_prompt
+
+    s = parts.config.sampler
     return [build_prompt(t, s.user_prompt, s.added_prompt, added_first=s.added_prompt_first) for t in tags]
 
 
@@ -234,10 +238,15 @@ def train_loop(config: dict) -> None:
                     pq.write_table(pa.Table.from_pylist(rows, schema=METRICS_SCHEMA), Path(tmp) / "metrics.parquet")
                     if config.get("val_rows") and step % validate_every == 0:
                         try:  # best effort: a failing validation must never cost the checkpoint it belongs to
-                            if val_prompts is None:
-                                val_prompts = validation_prompts(parts, config["val_rows"], device)
+                            if val_prompts is None:  # once: a tagger that cannot load is not retried
+                                try:
+                                    val_prompts = validation_prompts(parts, config["val_rows"])
+                                    said = f"validation prompts (tagger on the LR): {val_prompts}"
+                                except Exception as err:  # noqa: BLE001 - the trainset's prompts will do
+                                    val_prompts = _prompts(parts, [r["prompt"].rstrip(",") for r in config["val_rows"]])
+                                    said = f"validation prompts from the trainset (the tagger failed: {err!r})"
                                 if queue is not None:
-                                    queue.put_nowait(f"validation prompts (tagger on the LR): {val_prompts}")
+                                    queue.put_nowait(said)
                             _validate(parts, trainer, config["val_rows"], val_prompts, Path(tmp) / "validation")
                             images = {p.stem: np.asarray(Image.open(p).convert("RGB"))
                                       for p in sorted((Path(tmp) / "validation").glob("*-sr.png"))}

@@ -143,7 +143,8 @@ class UpscaleJob(BaseModel):
         "default 900 s, 1800 s when an autoscaler adds the GPU nodes (a cold node pulls the image and stages "
         "~13 GB of weights)")
     manifest_rows_per_file: int = Field(
-        1024, ge=1, description="rows per manifest part, at most (`ugcsr manifest compact` merges parts later)")
+        1024, ge=1, description="rows per manifest part (plus at most one write batch; `ugcsr manifest compact` "
+        "merges parts later)")
     manifest_max_age_s: float = Field(
         60.0, gt=0, description="a manifest part is written once its oldest row waited this long, full or not: "
         "a killed driver loses the rows of at most this much work (their images are redone on resume)")

@@ -199,6 +199,8 @@ def _remove_stale_plans(dst: str, storage: StorageConfig, age_s: float = 86400) 
         names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
     except (OSError, FileNotFoundError):
         return
+    finally:
+        fs.invalidate_cache()  # s3fs keeps the listing: a later exists() of this run's folder would trust it
     for name in names:
         try:
             started = dt.datetime.strptime(name[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.timezone.utc)
@@ -318,12 +320,17 @@ def _build_dataset(job: UpscaleJob, plan: Plan, pools: dict, journal=None, progr
 
 class ManifestSink:
     """The manifest's writer, on the driver: rows of written images come back from the write stage (a few
-    strings and numbers each) and leave as a Parquet part once `rows` are in or the oldest waited `max_age_s`,
-    whichever first. A killed driver loses at most that much; a bounded buffer is all the driver holds.
+    strings and numbers each) and leave as a Parquet part once `rows` are in (a part may hold up to one write
+    batch more) or the oldest waited `max_age_s`, whichever first. A killed driver loses at most that much; a
+    bounded buffer is all the driver holds.
 
     A timer thread flushes an old buffer while the stream waits (a slow SR batch); `close` writes the rest.
-    Each part's count row goes to `tally`.
+    Each part's count row goes to `tally`. A failed write keeps its rows for the next try (the timer's, or the
+    next batch's); the run ends only after FAILED_WRITES writes in a row failed (their images are redone on
+    resume), or at once when the lease is lost.
     """
+
+    FAILED_WRITES = 3
 
     def __init__(self, job: UpscaleJob, run_id: str, tally: Tally, fence: dict | None):
         self.meta = dict(dst=job.dst, run_id=run_id, storage=job.storage.model_dump(mode="json"), fence=fence)
@@ -331,7 +338,7 @@ class ManifestSink:
         self.rows, self.max_age_s, self.tally = job.manifest_rows_per_file, job.manifest_max_age_s, tally
         self.pending: list[dict] = []
         self.since = 0.0
-        self.error: BaseException | None = None
+        self.failures, self.error = 0, None
         self._lock, self._stop = threading.Lock(), threading.Event()
         self._timer = threading.Thread(target=self._tick, name="ugcsr-manifest", daemon=True)
         self._timer.start()
@@ -344,23 +351,31 @@ class ManifestSink:
                 self.since = time.monotonic()
             self.pending += rows
             if len(self.pending) >= self.rows:
-                self._flush()
+                self._try_flush()
         self.raise_error()
 
     def _tick(self) -> None:
         while not self._stop.wait(min(5.0, self.max_age_s / 4)):
             with self._lock:
                 if self.pending and time.monotonic() - self.since >= self.max_age_s:
-                    try:
-                        self._flush()
-                    except BaseException as err:  # noqa: BLE001 - raised in the driver loop (raise_error)
-                        self.error = err
-                        return
+                    self._try_flush()
+
+    def _try_flush(self) -> None:
+        """_flush; a failure is kept (raised by raise_error once it is final), the rows stay pending."""
+        try:
+            self._flush()
+        except LeaseLost as err:
+            self.error = err  # final: nothing more may be written
+        except Exception as err:  # noqa: BLE001 - retried by the next flush
+            self.failures += 1
+            log.warning("ugcsr: writing a manifest part failed (%d in a row): %r", self.failures, err)
+            if self.failures >= self.FAILED_WRITES:
+                self.error = err
 
     def _flush(self) -> None:
         if self.pending:
             self.tally.add(write_part(self.pending, **self.meta))
-            self.pending = []
+            self.pending, self.failures = [], 0
 
     def raise_error(self) -> None:
         if self.error is not None:
@@ -371,10 +386,13 @@ class ManifestSink:
         self._stop.set()
         self._timer.join(timeout=30)
         with self._lock:
-            if flush:
-                self._flush()
-            self.pending = []
-        self.raise_error()
+            try:
+                if flush and self.error is None:
+                    self._flush()
+            finally:
+                self.pending = []
+        if flush:
+            self.raise_error()
 
 
 class Tally:
@@ -460,9 +478,6 @@ def _run_leased(job: UpscaleJob, lease: DstLease, *, on_plan=None, on_progress: 
     # Never hang silently on unschedulable actors; a GPU node the autoscaler adds needs longer to start.
     ctx.wait_for_min_actors_s = int(job.actor_start_timeout_s or (1800 if cold else 900))
     ctx.execution_no_progress_timeout_s = no_progress_timeout_s(job, ctx.wait_for_min_actors_s)
-    if cold and job.resources.sr_actors and plan.to_process:
-        # A count was asked for: have the autoscaler add every node it needs now, not one pending actor at a time.
-        ray_runtime.request_bundles(sr_bundles(plan.pools))
     log.info("ugcsr: Ray at %s; %d image(s) to process, %d skipped; pools %s", where, plan.to_process, plan.skipped,
              json.dumps(plan.pools))
     if on_plan:
@@ -503,8 +518,6 @@ def _run_leased(job: UpscaleJob, lease: DstLease, *, on_plan=None, on_progress: 
             _remove(join(job.dst, "_state", "todo", plan.run_id), job.storage)
         for actor in helpers:
             ray.kill(actor)
-        if cold and job.resources.sr_actors:
-            ray_runtime.request_bundles([])  # the request stands until replaced: let the cluster scale down
     return summary
 
 
@@ -515,14 +528,6 @@ def no_progress_timeout_s(job: UpscaleJob, start_s: float) -> float:
     if job.time_budget_s is None:
         return -1
     return start_s + 2 * job.resources.sr_batch * job.time_budget_s
-
-
-def sr_bundles(pools: dict) -> list[dict]:
-    """The resources of every SR actor (and semantic actor) of the pools, as autoscaler bundles."""
-    sr = {"CPU": pools["sr_cpus"], "GPU": pools["sr_gpus"]}
-    sem = {"CPU": pools["semantic_cpus"], "GPU": pools["semantic_gpus"]}
-    bundles = [sr] * pools["sr_actors"] + ([sem] * pools["semantic_actors"] if pools["layout"] != "fused" else [])
-    return [{k: v for k, v in b.items() if v} for b in bundles]
 
 
 def _execute(ds, sink: ManifestSink, poller, lease: DstLease) -> None:
@@ -547,6 +552,7 @@ def _execute(ds, sink: ManifestSink, poller, lease: DstLease) -> None:
         if _lost(lease):
             raise lost
     except LeaseLost:
+        lease.lost = True  # found by a writer (or the sink) before the renewal thread: no summary either
         sink.close(flush=False)
         raise
     except BaseException as err:
@@ -665,12 +671,14 @@ def _model_id(job: UpscaleJob) -> str:
 
 
 def dry_run(job: UpscaleJob) -> dict:
-    """What would run: counts to process/skip and the pools asked for; loads no model, writes nothing.
+    """What would run: counts to process/skip and the pools asked for; loads no model, leaves nothing behind.
 
-    Planning runs as Ray tasks (an embedded local Ray when no address is given).
+    Planning runs as Ray tasks (an embedded local Ray when no address is given); its pieces go under
+    DST/_state/plan/<id>/ and are removed after, so DST must be writable and reach every node, as for the run.
     """
     check_paths(job)
     ray_runtime.connect(job.address)
+    check_paths_reach_nodes(job)
     fs, dst_path = filesystem(job.dst, job.storage)
     new_dst = is_local(fs) and not os.path.exists(dst_path)
     try:

@@ -307,7 +307,7 @@ def test_validation_prompts_come_from_the_tagger_on_the_lr_as_upscale_makes_them
     assert config.sampler.prompt_source == "tagger"
     parts = load_train_parts(config, TrainRecipe())
     rows = pq.read_table(Path(trainset) / "shard-000001.parquet").slice(0, 3).to_pylist()
-    prompts = validation_prompts(parts, rows, torch.device("cpu"))
+    prompts = validation_prompts(parts, rows)
     lr = [decode_image(r["lr_png"])[0] for r in rows]
     stage = SemanticStage(config.model_dump(mode="json"), device="cpu")
     images = np.empty(len(lr), dtype=object)

@@ -272,3 +272,38 @@ def test_manifest_parts_are_bounded_by_rows_and_by_time(tmp_path):
     assert len(list(parts.iterdir())) == 2 and tally.rows == 6
     rows = pq.read_table(parts).to_pylist()
     assert sorted(r["image_id"] for r in rows) == list("abcdef") and all(r["status"] == "ok" for r in rows)
+
+
+def test_a_failed_manifest_write_keeps_its_rows_and_a_lost_lease_stops_the_sink(tmp_path, monkeypatch):
+    import pyarrow as pa
+
+    import pipelines.upscale.run as run
+    from cluster.lease import LeaseLost
+
+    real, calls = run.write_part, []
+
+    def flaky(rows, **meta):
+        calls.append(len(rows))
+        if len(calls) <= 2:
+            raise OSError("503 SlowDown")
+        return real(rows, **meta)
+
+    monkeypatch.setattr(run, "write_part", flaky)
+    tally = run.Tally()
+    sink = run.ManifestSink(job(tmp_path, tmp_path / "out", manifest_rows_per_file=1, manifest_max_age_s=600),
+                            "20260101T000000Z-abcdef", tally, fence=None)
+    block = pa.table({"image_id": ["a"], "src_uri": ["file:///in/a.png"], "dst_uri": ["file:///out/a.png"]})
+    sink.add(block)
+    sink.add(block.set_column(0, "image_id", pa.array(["b"])))  # the second failure: still not final
+    assert tally.rows == 0 and calls == [1, 2]
+    sink.close()  # the third try writes both rows in one part; no stale error is raised
+    assert tally.rows == 2 and calls == [1, 2, 2]
+
+    def lost(rows, **meta):
+        raise LeaseLost("taken")
+
+    monkeypatch.setattr(run, "write_part", lost)
+    sink = run.ManifestSink(job(tmp_path, tmp_path / "out2", manifest_rows_per_file=1), "r", run.Tally(), None)
+    with pytest.raises(LeaseLost):
+        sink.add(block)  # final at once: nothing more may be written
+    sink.close(flush=False)
