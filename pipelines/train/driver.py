@@ -126,9 +126,12 @@ def run_train(job: TrainJob, *, num_cpus: int | None = None, log=print) -> dict:
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     ds = dataset(job, train_paths, join(model.source.sd_base, "tokenizer"), exclude)
-    if job.materialize:
-        ds = ds.materialize()
     options = ray.data.ExecutionOptions(preserve_order=not job.shuffle)
+    if job.materialize:
+        # In build order when not shuffled: with two decode actors the blocks would land in whichever order they
+        # finish, and a resumed run (a new materialization) would pass over other rows than it trained on.
+        ds.context.execution_options.preserve_order = not job.shuffle  # the dataset's own copy of the context
+        ds = ds.materialize()
     if job.data_cpu_limit:
         options.resource_limits = options.resource_limits.copy(cpu=job.data_cpu_limit)
     storage_fs, storage_path = arrow_filesystem(job.run, job.storage)
