@@ -6,7 +6,8 @@ Ray Data keeps a stats record per output block per operator on the driver until 
 (`MapOperator._output_blocks_stats`), so a run of 10^8 images as one execution grows the driver by
 records x operators x blocks. Here every block holds one image (`io_batch = sr_batch = 1`), the tiny
 model at 1 step, so blocks, not pixels, dominate. The driver's Python heap (tracemalloc) plus Arrow's
-buffers is sampled each time a write batch finishes; printed per run: the growth from the first to the
+buffers is sampled after a full garbage collection every 25 written blocks (what the driver keeps, not
+garbage not yet collected); printed per run: the growth from the first to the
 last sample in bytes per block and the peak above the first sample, for `execution_images` = all
 images (one execution) and = --per-execution (bounded), side by side, after a warm-up run.
 """
@@ -14,6 +15,7 @@ images (one execution) and = --per-execution (bounded), side by side, after a wa
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import tempfile
 import time
@@ -49,6 +51,10 @@ def measure(src: Path, dst: Path, per_execution: int) -> dict:
     samples: list[tuple[int, int]] = []
 
     def sample(done, errors, total):
+        # What the driver keeps, not garbage not yet collected: a full collection before every 25th sample.
+        if samples and done < total and done // 25 == samples[-1][0] // 25:
+            return
+        gc.collect()
         samples.append((done, tracemalloc.get_traced_memory()[0] + pa.total_allocated_bytes()))
 
     tracemalloc.start()
