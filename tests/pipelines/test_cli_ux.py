@@ -291,3 +291,20 @@ def test_execution_images_below_one_is_a_settings_error_naming_the_file(tmp_path
     out = invoke("upscale", tmp_path / "src", tmp_path / "out", "--config", config, "--dry-run")
     assert out.exit_code == 2, out.output
     assert f"execution_images (in --config {config})" in out.stderr and "greater than or equal to 1" in out.stderr
+
+
+def test_the_new_scale_settings_answer_bad_values_clearly(tmp_path):
+    """Issue 19's settings (manifest age, read pixel budget and memory, start timeout) through --config."""
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("manifest_max_age_s: 0\nactor_start_timeout_s: -5\n"
+                   "resources: {read_batch_pixels: 0, read_memory_gb: -1}\n")
+    out = invoke("upscale", ROOT / "samples", tmp_path / "o", "--config", cfg)
+    assert out.exit_code == 2, out.output
+    text = " ".join(out.output.split())
+    for field in ("manifest_max_age_s", "actor_start_timeout_s", "resources.read_batch_pixels",
+                  "resources.read_memory_gb"):
+        assert f"{field} (in --config" in text, (field, text)
+    good = tmp_path / "good.yaml"
+    good.write_text("manifest_max_age_s: 30\nactor_start_timeout_s: null\nresources: {read_batch_pixels: 64000000}\n")
+    out = invoke("upscale", ROOT / "samples", tmp_path / "o", "--config", good, "--print-config")
+    assert out.exit_code == 0 and "manifest_max_age_s: 30" in out.output and "read_batch_pixels: 64000000" in out.output
