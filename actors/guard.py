@@ -11,6 +11,7 @@ knows a previous attempt died:
   the next death names its culprit; an image blamed `max_crashes` times gets an
   error row (`WorkerCrashed`) and the others finish normally.
 
+A death on a GPU that device_health.py's record later quarantines is not held against the image.
 Ray's own retry counts stay bounded (`RetryConfig`) as the backstop.
 """
 
@@ -21,27 +22,39 @@ import logging
 import os
 
 from .batch import concat_rows, ensure_status_columns, fail, size
+from .device_health import (FATAL_DEVICE_ERRORS, DeviceQuarantined, DeviceRecord, check_device, describe,
+                            device_keys, device_location, is_fatal_device_error)
 
 WORKER_CRASHED = "WorkerCrashed"
-# Errors after which the device is unusable in this process (CUDA sticky errors are raised as
-# torch.AcceleratorError); the actor must be replaced, not keep failing every later image.
-FATAL_DEVICE_ERRORS = {"AcceleratorError"}
 log = logging.getLogger(__name__)
 
 
 class CrashJournal:
-    """(Ray actor, no CPU) batches in flight: attempts, the image being tried, deaths blamed per image."""
+    """(Ray actor, no CPU) batches in flight: attempts, the image being tried, deaths blamed per image; the
+    run's GPU fault record (device_health.py) and the GPU actors alive, for the driver's watchdog."""
 
-    def __init__(self):
+    def __init__(self, max_device_faults: int = 3):
         self.inflight: dict[str, dict] = {}
+        self.devices = DeviceRecord(max_device_faults)
+        self.actors: dict[str, tuple] = {}  # actor id -> (handle, where)
 
-    def begin(self, key: str) -> dict:
-        e = self.inflight.setdefault(key, {"attempts": 0, "current": None, "crashes": {}})
+    def begin(self, key: str, where: dict | None = None, images: list[str] = ()) -> dict:
+        """An attempt at batch `key` starts (on GPU `where`, None for CPU stages); a previous attempt that never
+        ended died. Returns the attempt number, deaths per image (those on GPUs quarantined since left out)
+        and whether this GPU is quarantined (the actor must stop)."""
+        e = self.inflight.setdefault(key, {"attempts": 0, "current": None, "crashes": {}, "keys": [],
+                                           "images": list(images)})
         if e["current"] is not None:  # the previous attempt died while trying this image
-            e["crashes"][e["current"]] = e["crashes"].get(e["current"], 0) + 1
+            e["crashes"].setdefault(e["current"], []).append(e["keys"])
+            self.devices.fault(e["keys"], [e["current"]], "the worker died")
             e["current"] = None
+        elif e["attempts"]:  # a whole-batch attempt died
+            self.devices.fault(e["keys"], e["images"], "the worker died")
         e["attempts"] += 1
-        return {"attempts": e["attempts"], "crashes": dict(e["crashes"])}
+        e["keys"] = device_keys(where)
+        bad = self.devices.quarantined_keys()
+        crashes = {i: sum(1 for keys in deaths if not bad.intersection(keys)) for i, deaths in e["crashes"].items()}
+        return {"attempts": e["attempts"], "crashes": crashes, "quarantined": bool(bad.intersection(e["keys"]))}
 
     def trying(self, key: str, image_id: str | None) -> None:
         if key in self.inflight:
@@ -53,6 +66,30 @@ class CrashJournal:
     def pending(self) -> int:
         return len(self.inflight)
 
+    def blame(self, image_id: str) -> None:
+        self.devices.blamed(image_id)
+
+    def device_fault(self, where: dict, images: list[str], error: str) -> bool:
+        return self.devices.fault(device_keys(where), images, error)
+
+    def device_state(self, where: dict) -> str:
+        return self.devices.status(device_keys(where))
+
+    def device_passed(self, where: dict) -> None:
+        self.devices.passed(device_keys(where))
+
+    def excluded_nodes(self) -> list[str]:
+        return self.devices.excluded_nodes()
+
+    def quarantined(self) -> list[dict]:
+        return self.devices.report()
+
+    def register(self, actor, where: dict) -> None:
+        self.actors[actor._actor_id.hex()] = (actor, where)
+
+    def gpu_actors(self) -> dict[str, tuple]:
+        return dict(self.actors)
+
 
 def batch_key(stage: str, batch: dict) -> str:
     ids = "\n".join(sorted(str(i) for i in batch["image_id"]))
@@ -63,28 +100,40 @@ def _rows(batch: dict, i: int) -> dict:
     return {k: v[i : i + 1] for k, v in batch.items()}
 
 
-def end_if_fatal(out: dict) -> dict:
-    """A fatal device error ends this process, so Ray replaces the actor and retries the batch."""
-    fatal = [e for e in out.get("error_type", []) if e in FATAL_DEVICE_ERRORS]
+def end_if_fatal(out: dict, on_fatal=None) -> dict:
+    """A fatal device error ends this process, so Ray replaces the actor and retries the batch; `on_fatal(ids,
+    error)` records it against the GPU first."""
+    errors = out.get("error_type", [])
+    fatal = [i for i, e in enumerate(errors) if e in FATAL_DEVICE_ERRORS]
     if fatal:
-        log.error("fatal device error (%s): ending this worker so Ray replaces it", fatal[0])
+        message = str(out["error_message"][fatal[0]])
+        log.error("fatal device error (%s: %s): ending this worker so Ray replaces it", errors[fatal[0]], message)
+        if on_fatal is not None:
+            on_fatal([str(i) for i in out["image_id"]], f"{errors[fatal[0]]}: {message}")
         os._exit(70)
     return out
 
 
-def guarded_call(fn, batch: dict, stage: str, journal, max_crashes: int) -> dict:
-    """fn(batch) under the crash journal (see the module doc); `journal` None runs fn(batch) as is."""
+def guarded_call(fn, batch: dict, stage: str, journal, max_crashes: int, where: dict | None = None,
+                 on_fatal=None) -> dict:
+    """fn(batch) under the crash journal (see the module doc); `journal` None runs fn(batch) as is. `where`:
+    the GPU this runs on (GPU stages), so deaths there count against it and a quarantined GPU stops its actor."""
     if journal is None or not size(batch):
-        return end_if_fatal(fn(batch))
+        return end_if_fatal(fn(batch), on_fatal)
     import ray
 
     key = batch_key(stage, batch)
     try:
-        state = ray.get(journal.begin.remote(key))
+        ids = [str(i) for i in batch["image_id"]] if where else []
+        state = ray.get(journal.begin.remote(key, where, ids))
     except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-        return end_if_fatal(fn(batch))  # journal restarting: the batch runs unguarded rather than failing
+        return end_if_fatal(fn(batch), on_fatal)  # journal restarting: the batch runs unguarded rather than failing
+    if state.get("quarantined"):
+        # Another actor on this GPU had it quarantined: end, so the restart stops in its constructor.
+        log.error("%s is quarantined: ending this worker", describe(where))
+        os._exit(70)
     if state["attempts"] == 1:
-        out = end_if_fatal(fn(batch))
+        out = end_if_fatal(fn(batch), on_fatal)
         journal.end.remote(key)
         return out
     batch = ensure_status_columns(batch)
@@ -95,26 +144,72 @@ def guarded_call(fn, batch: dict, stage: str, journal, max_crashes: int) -> dict
         blamed = state["crashes"].get(image_id, 0)
         if blamed >= max_crashes and not one["error_type"][0]:
             fail(one, 0, stage, f"the {stage} worker died {blamed} time(s) while processing this image "
-                 "(native crash or out of memory); it was not retried again", WORKER_CRASHED)
+                 "(native crash, out of memory or a device error); it was not retried again", WORKER_CRASHED)
+            journal.blame.remote(image_id)  # its deaths say nothing about the GPU
         else:
             ray.get(journal.trying.remote(key, image_id))  # recorded before the attempt that may kill us
-        parts.append(end_if_fatal(fn(one)))
+        parts.append(end_if_fatal(fn(one), on_fatal))
     journal.end.remote(key)
     return concat_rows(parts)
 
 
 class Guarded:
-    """A stage class under the crash journal: `guarded(SRStage)` is a drop-in class for map_batches."""
+    """A stage class under the crash journal: `guarded(SRStage)` is a drop-in class for map_batches.
+
+    On a GPU, the constructor first asks the journal about this GPU: quarantined, it stops (DeviceQuarantined:
+    Ray does not restart an actor whose constructor raised); suspect (a fault since the last check), it runs
+    the stage's self-test (`check_device`) before loading anything. A fatal device error while loading the
+    model quarantines the GPU. Then the actor registers, so the driver can stop it if it never restarts.
+    """
 
     stage_cls: type = None
     stage_name: str = ""
 
     def __init__(self, *, journal=None, max_crashes: int = 1, **kwargs):
-        self.stage = self.stage_cls(**kwargs)
         self.journal, self.max_crashes = journal, max_crashes
+        self.where = device_location() if journal is not None else None
+        if self.where:
+            self._admit(kwargs.get("device"))
+        try:
+            self.stage = self.stage_cls(**kwargs)
+        except Exception as err:
+            if self.where and is_fatal_device_error(err):
+                self._fault([], f"loading the model: {type(err).__name__}: {err}")
+                raise DeviceQuarantined(f"{describe(self.where)} failed while loading the model ({err}); it is "
+                                        "quarantined for this run") from err
+            raise
+        if self.where:
+            import ray
+
+            self.journal.register.remote(ray.get_runtime_context().current_actor, self.where)
+
+    def _admit(self, device: str | None) -> None:
+        import ray
+
+        state = ray.get(self.journal.device_state.remote(self.where))
+        if state == "suspect":
+            try:
+                getattr(self.stage_cls, "check_device", check_device)(device)
+            except Exception as err:  # noqa: BLE001 - any failure of a fresh process on no image is the GPU's
+                self._fault([], f"self-test: {type(err).__name__}: {err}")
+                state = "quarantined"
+            else:
+                ray.get(self.journal.device_passed.remote(self.where))
+        if state == "quarantined":
+            raise DeviceQuarantined(f"{describe(self.where)} is quarantined for this run after repeated device "
+                                    "errors; this actor stops and new ones avoid the node")
+
+    def _fault(self, images: list[str], error: str) -> None:
+        import ray
+
+        try:
+            ray.get(self.journal.device_fault.remote(self.where, images, error), timeout=30)
+        except Exception:  # noqa: BLE001 - the process ends anyway; the next attempt's begin records the death
+            log.warning("could not record a device fault on %s", describe(self.where))
 
     def __call__(self, batch: dict) -> dict:
-        return guarded_call(self.stage, batch, self.stage_name, self.journal, self.max_crashes)
+        return guarded_call(self.stage, batch, self.stage_name, self.journal, self.max_crashes, self.where,
+                            self._fault if self.where else None)
 
 
 def guarded(stage_cls: type, stage_name: str) -> type:

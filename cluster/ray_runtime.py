@@ -68,11 +68,12 @@ class NodeShape:
     autoscaled: bool = False
 
 
-def alive_nodes() -> list[NodeShape]:
-    """The live nodes with their total (not free) CPUs and GPUs: pools are planned per node, not per cluster."""
+def alive_nodes(exclude: set[str] = frozenset()) -> list[NodeShape]:
+    """The live nodes (but those whose ids are in `exclude`) with their total (not free) CPUs and GPUs: pools are
+    planned per node, not per cluster."""
     out = []
     for n in ray.nodes():
-        if n.get("Alive"):
+        if n.get("Alive") and n.get("NodeID") not in exclude:
             res = n.get("Resources", {})
             out.append(NodeShape(cpus=float(res.get("CPU", 0)), gpus=float(res.get("GPU", 0)),
                                  address=n.get("NodeManagerAddress", "")))

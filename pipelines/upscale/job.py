@@ -68,6 +68,9 @@ class RetryConfig(BaseModel):
                                     "a crashing input is bounded per batch by the crash journal instead)")
     max_crashes_per_image: int = Field(1, ge=1, description="worker deaths attributed to one image before it gets "
                                        "an error row (WorkerCrashed) instead of another try")
+    max_device_faults: int = Field(3, ge=1, description="device errors or deaths on one GPU, with different images, "
+                                   "that quarantine it for the run (a GPU that fails a fresh self-test or model load "
+                                   "is quarantined at once); its actor stops and new actors avoid its node")
     max_errored_blocks: int = Field(10, ge=-1, description="Ray Data backstop: blocks that may fail for good before the "
                                     "run stops; their images are reported as unaccounted and redone on resume")
 

@@ -43,6 +43,7 @@ from .manifest import (STAGES, done_piece, manifest_files, new_run_id, rows_from
 from ..paths import IMAGE_EXTENSIONS
 from .pieces import spans
 from .pools import plan_pools
+from .watchdog import ActorWatchdog
 
 log = logging.getLogger("ugcsr")
 
@@ -290,6 +291,8 @@ def _build_dataset(job: UpscaleJob, plan: Plan, pools: dict, journal=None, progr
     # Ray Data hands an actor whole blocks: without this an SR call took a whole read block (io_batch rows),
     # two in flight per actor (hour-long tails at x4, coarse retries). Blocks of a model batch instead.
     ds = ds.repartition(target_num_rows_per_block=min(r.sr_batch, r.semantic_batch))
+    # New GPU actors (replacements, later executions) avoid nodes with a quarantined GPU (actors/device_health.py).
+    gpu_args = {"ray_remote_args_fn": _avoiding_quarantined(journal)} if journal is not None else {}
     sr_kwargs = {"config": model, "base_seed": job.base_seed, "cpu_threads": pools.get("cpu_threads"),
                  "max_output_pixels": job.max_output_pixels, "storage": storage,
                  "gpu_share": pools["sr_gpus"] or 1.0, "time_budget_s": job.time_budget_s, **guard}
@@ -300,22 +303,57 @@ def _build_dataset(job: UpscaleJob, plan: Plan, pools: dict, journal=None, progr
         ds = ds.map_batches(guarded(SemanticSRStage, "sr"),
                             fn_constructor_kwargs={**sr_kwargs, "cache_uri": job.cache_semantic},
                             batch_size=r.sr_batch, compute=sr_pool, num_gpus=pools["sr_gpus"], num_cpus=pools["sr_cpus"],
-                            **({"memory": mem * 2**30} if mem else {}), **actor_retry)
+                            **({"memory": mem * 2**30} if mem else {}), **actor_retry, **gpu_args)
     else:
         ds = ds.map_batches(guarded(SemanticStage, "semantic"),
                             fn_constructor_kwargs={"config": model, "cpu_threads": pools.get("cpu_threads"),
                                                    "cache_uri": job.cache_semantic, "storage": storage, **guard},
                             batch_size=r.semantic_batch, compute=ActorPoolStrategy(size=pools["semantic_actors"]),
                             num_gpus=pools["semantic_gpus"], num_cpus=pools["semantic_cpus"],
-                            **({"memory": sem_mem * 2**30} if sem_mem else {}), **actor_retry)
+                            **({"memory": sem_mem * 2**30} if sem_mem else {}), **actor_retry, **gpu_args)
         ds = ds.map_batches(guarded(SRStage, "sr"), fn_constructor_kwargs=sr_kwargs,
                             batch_size=r.sr_batch, compute=sr_pool, num_gpus=pools["sr_gpus"], num_cpus=pools["sr_cpus"],
-                            **({"memory": sr_mem * 2**30} if sr_mem else {}), **actor_retry)
+                            **({"memory": sr_mem * 2**30} if sr_mem else {}), **actor_retry, **gpu_args)
     ds = ds.map_batches(io.write, fn_kwargs={"dst": job.dst, "fmt": job.format, "quality": job.quality,
                                              "storage": storage, "progress": progress, "fence": fence, **guard},
                         batch_size=r.sr_batch, num_cpus=r.encode_cpus, compute=TaskPoolStrategy(size=writes),
                         **task_retry)
     return ds
+
+
+def _pools_without_quarantined(job: UpscaleJob, plan: Plan, journal, autoscale) -> dict:
+    """The next execution's pools, planned again without the nodes of GPUs quarantined so far (new actors avoid
+    them, so a pool sized for them would never start); at most the actors asked for."""
+    import ray
+
+    from .watchdog import NoGpuLeft
+
+    excluded = set(ray.get(journal.excluded_nodes.remote(), timeout=30))
+    if not excluded:
+        return plan.pools
+    nodes = ray_runtime.alive_nodes(exclude=excluded)
+    if plan.pools["sr_gpus"] and not any(n.gpus for n in [*nodes, *autoscale]):
+        raise NoGpuLeft(f"every GPU node has a GPU quarantined after device errors "
+                        f"({ray.get(journal.quarantined.remote(), timeout=30)}); fix or replace them and run again "
+                        "to resume")
+    try:
+        return plan_pools(job, nodes=nodes, autoscale=autoscale, todo=plan.to_process)
+    except ValueError:  # fewer GPUs than resources.sr_actors asks for: as many as there are
+        fewer = job.model_copy(update={"resources": job.resources.model_copy(update={"sr_actors": None})})
+        return plan_pools(fewer, nodes=nodes, autoscale=autoscale, todo=plan.to_process)
+
+
+def _avoiding_quarantined(journal):
+    """Ray Data calls this before creating each actor: a label selector keeping it off quarantined GPUs' nodes
+    (Ray places by node, not by GPU id)."""
+
+    def remote_args() -> dict:
+        import ray
+
+        nodes = ray.get(journal.excluded_nodes.remote(), timeout=30)
+        return {"label_selector": {"ray.io/node-id": f"!in({','.join(nodes)})"}} if nodes else {}
+
+    return remote_args
 
 
 class ManifestSink:
@@ -400,6 +438,7 @@ class Tally:
 
     def __init__(self):
         self.rows = self.ok = self.parts = self.executions = 0
+        self.gpus_quarantined: list[dict] = []
         self.errors: Counter = Counter()
         self.stage_ms = {s: [0.0, 0] for s in STAGES}
 
@@ -436,6 +475,8 @@ def summarize(tally: Tally, plan: Plan, wall: float, job: UpscaleJob, state: str
         "manifest": run_dir(job.dst, plan.run_id),
         "manifest_parts": tally.parts,
         "executions": tally.executions,
+        # GPUs taken out of the run after device errors (actors/device_health.py).
+        "gpus_quarantined": tally.gpus_quarantined,
         "wall_s": round(wall, 3),
         "images_per_s": round(tally.rows / wall, 4) if wall > 0 else None,
         "stages": per_stage,
@@ -483,18 +524,20 @@ def _run_leased(job: UpscaleJob, lease: DstLease, *, on_plan=None, on_progress: 
     if on_plan:
         on_plan(plan)
     tally, state = Tally(), "failed"
-    helpers, poller = [], None
+    helpers, poller, watchdog = [], None, None
     try:
         if plan.to_process:
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
             # On the driver's node: a worker node that leaves mid-run must not take them with it.
             here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-            journal = ray.remote(num_cpus=0, max_restarts=-1)(CrashJournal).options(scheduling_strategy=here).remote()
+            journal = ray.remote(num_cpus=0, max_restarts=-1)(CrashJournal).options(scheduling_strategy=here).remote(
+                max_device_faults=job.retries.max_device_faults)
             counter = ray.remote(num_cpus=0)(ProgressCounter).options(scheduling_strategy=here).remote()
             helpers = [journal, counter]
             if on_progress:
                 poller = _ProgressPoller(counter, tally, plan.to_process, on_progress)
+            watchdog = ActorWatchdog(journal, ctx.wait_for_min_actors_s)
             # Bounded executions: Ray Data keeps per-block records on the driver until an execution ends.
             # Each group starts its own actor pools (one model load per actor per group of ~10^6 images).
             groups = executions(plan, job.execution_images)
@@ -502,13 +545,17 @@ def _run_leased(job: UpscaleJob, lease: DstLease, *, on_plan=None, on_progress: 
                 if len(groups) > 1:
                     log.info("ugcsr: execution %d/%d: %d image(s) in %d todo shard(s)", k + 1, len(groups),
                              part.to_process, len(part.todo_uris))
-                _execute(build_dataset(job, part, plan.pools, journal, counter, lease.fence),
-                         ManifestSink(job, plan.run_id, tally, lease.fence), poller, lease)
+                pools = _pools_without_quarantined(job, plan, journal, autoscale) if k else plan.pools
+                _execute(build_dataset(job, part, pools, journal, counter, lease.fence),
+                         ManifestSink(job, plan.run_id, tally, lease.fence), poller, lease, watchdog)
                 tally.executions += 1
         state = "finished"
     finally:
         if poller is not None:
             poller.stop()
+        if watchdog is not None:
+            watchdog.stop()
+            tally.gpus_quarantined = _quietly(lambda: ray.get(helpers[0].quarantined.remote(), timeout=30), [])
         if on_progress and plan.to_process and state == "finished":  # the exact figures, from the manifest parts
             on_progress(tally.rows, tally.rows - tally.ok, plan.to_process)
         # A summary even for a failed or interrupted run: what was written is in the manifest.
@@ -530,7 +577,15 @@ def no_progress_timeout_s(job: UpscaleJob, start_s: float) -> float:
     return start_s + 2 * job.resources.sr_batch * job.time_budget_s
 
 
-def _execute(ds, sink: ManifestSink, poller, lease: DstLease) -> None:
+def _quietly(fn, default):
+    try:
+        return fn()
+    except Exception as err:  # noqa: BLE001 - a summary detail, never the run's error
+        log.warning("ugcsr: %r", err)
+        return default
+
+
+def _execute(ds, sink: ManifestSink, poller, lease: DstLease, watchdog: ActorWatchdog | None = None) -> None:
     """Stream one execution to its end, the write stage's rows into the manifest sink.
 
     A lost lease ends it (LeaseLost): every writer task checks before it writes, the driver between batches
@@ -563,6 +618,8 @@ def _execute(ds, sink: ManifestSink, poller, lease: DstLease) -> None:
             sink.close()  # the rows of images already written, even when the run fails or is interrupted
         except Exception:  # noqa: BLE001 - the run's own error is the one to report
             log.exception("ugcsr: could not write the last manifest part (its images are redone on resume)")
+        if isinstance(err, KeyboardInterrupt) and watchdog is not None and watchdog.error is not None:
+            raise watchdog.error from None  # the watchdog's interrupt: no GPU actor left
         raise
     else:
         sink.close()

@@ -88,3 +88,85 @@ def test_fatal_device_error_replaces_the_actor_and_retries_the_batch(ray_local, 
                    {"marker": str(marker)}, batch_size=4)
     assert len(rows) == 4 and all(not r["error_type"] for r in rows), "retried on a fresh actor, all fine"
     assert {r["pid"] for r in rows} != {int(marker.read_text())}, "the actor that saw the error is gone"
+
+
+BROKEN = {}  # {"node_file": path}: the node whose GPU is broken (read by check_device, a static method)
+
+
+class BrokenGpuOnOneNode:
+    """On the node named in BROKEN's file, every call reports a sticky CUDA error and a fresh process fails its
+    self-test (a GPU that fell off the bus); elsewhere rows pass. Logs each constructor and call with its node."""
+
+    def __init__(self, log: str):
+        import ray
+
+        self.log, self.node = log, ray.get_runtime_context().get_node_id()
+        self.bad = Path(BROKEN["node_file"]).read_text()
+        self._write(f"start {os.getpid()}")
+
+    @staticmethod
+    def check_device(device=None):
+        import ray
+
+        if ray.get_runtime_context().get_node_id() == Path(BROKEN["node_file"]).read_text():
+            raise RuntimeError("CUDA error: unknown error (the device fell off the bus)")
+
+    def _write(self, line: str):
+        with open(self.log, "a") as f:
+            f.write(f"{self.node} {line}\n")
+
+    def __call__(self, batch):
+        batch = ensure_status_columns(batch)
+        self._write("call " + ",".join(str(i) for i in batch["image_id"]))
+        for i in ok_rows(batch):
+            if self.node == self.bad:
+                fail(batch, i, "sr", "CUDA error: an illegal memory access was encountered", "AcceleratorError")
+        batch["node"] = [self.node] * len(batch["image_id"])
+        return batch
+
+
+def test_a_broken_gpu_is_quarantined_its_actor_stops_and_no_image_is_blamed(tmp_path):
+    """Three GPU nodes, every GPU in use: the broken one stops its actor after one restart, its images are not
+    blamed (its lost batches are redone on resume), the others finish the rest; no endless restarts."""
+    import ray
+    import ray.data
+    from ray.cluster_utils import Cluster
+    from ray.data import ActorPoolStrategy
+
+    if ray.is_initialized():
+        ray.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
+    nodes = [c.add_node(num_cpus=1, num_gpus=1) for _ in range(3)]
+    c.wait_for_nodes()
+    try:
+        ray.init(address=c.address, log_to_driver=False)
+        (tmp_path / "bad").write_text(nodes[1].node_id)
+        BROKEN["node_file"] = str(tmp_path / "bad")
+        log = tmp_path / "calls.log"
+        ctx = ray.data.DataContext.get_current()
+        ctx.max_errored_blocks, ctx.enable_progress_bars = 10, False
+        journal = ray.remote(num_cpus=0)(CrashJournal).remote(max_device_faults=3)
+        items = [{"image_id": f"img{k:02d}"} for k in range(30)]
+        rows = ray.data.from_items(items, override_num_blocks=15).map_batches(
+            guarded(BrokenGpuOnOneNode, "sr"), fn_constructor_kwargs={"log": str(log), "journal": journal},
+            batch_size=2, compute=ActorPoolStrategy(size=3), num_gpus=1, num_cpus=0.5,
+            max_restarts=-1, max_task_retries=4).take_all()
+        quarantined = ray.get(journal.quarantined.remote())
+        # Once no GPU actor is left alive (here: the pool ended), the driver's watchdog ends a run clearly.
+        from pipelines.upscale.watchdog import ActorWatchdog
+
+        watchdog = ActorWatchdog(journal, timeout_s=0, interval_s=3600)
+        watchdog.tick()
+        watchdog.stop()
+    finally:
+        ray.shutdown()
+        c.shutdown()
+    ids = [r["image_id"] for r in rows]
+    assert len(ids) == len(set(ids)) >= 30 - 2 * 4, "each image at most once; only the broken actor's batches lost"
+    assert not [r for r in rows if r["error_type"]], "no image blamed, none failed with the GPU's error"
+    assert {r["node"] for r in rows} <= {nodes[0].node_id, nodes[2].node_id}
+    assert [q["node"] for q in quarantined] == [nodes[1].node_id] and "self-test" in quarantined[0]["last_error"]
+    lines = log.read_text().splitlines()
+    starts = [ln for ln in lines if ln.startswith(nodes[1].node_id) and " start " in ln]
+    assert len(starts) == 1, "the restarted actor stopped in its constructor, before loading anything"
+    assert watchdog.error is not None and f"node {nodes[1].node_id[:12]} GPU" in str(watchdog.error)

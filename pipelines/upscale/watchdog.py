@@ -1,0 +1,75 @@
+"""The driver's watch over the GPU actors: a run left without any GPU ends with a clear error, not a hang.
+
+When a node dies, Ray restarts its actors wherever a GPU is free. On a cluster whose GPUs are all in use
+that is once the other actors finish the execution's work and Ray Data releases them (measured on Ray
+2.60: a lost node's batches then complete in the same run; tests/pipelines/test_multinode.py). But when no
+GPU actor is left alive at all (every GPU quarantined after device errors, every GPU node lost on a fixed
+cluster) nothing would ever run again, and the run would wait for Ray Data's no-progress abort, hours
+later. The watchdog ends it once no GPU actor has been alive for `timeout_s` (the actor start timeout,
+which covers an autoscaler bringing a GPU node up).
+
+Actor states come from the handle's local view (`_get_local_state`, what Ray Data's actor pool itself uses
+in Ray 2.60); handles come from the crash journal, where each GPU actor registers once started.
+"""
+
+from __future__ import annotations
+
+import _thread
+import logging
+import threading
+import time
+
+log = logging.getLogger(__name__)
+
+
+class NoGpuLeft(RuntimeError):
+    """Every GPU actor of the run stopped (quarantined GPUs, lost nodes) and none came back."""
+
+
+class ActorWatchdog:
+    def __init__(self, journal, timeout_s: float, interval_s: float = 10.0):
+        self.journal, self.timeout_s, self.interval_s = journal, timeout_s, interval_s
+        self.error: NoGpuLeft | None = None
+        self._seen: set[str] = set()
+        self._none_alive_since: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ugcsr-watchdog", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.tick()
+            except Exception as err:  # noqa: BLE001 - a watch that fails once tries again; it never ends a run
+                log.debug("watchdog tick failed: %r", err)
+            if self.error is not None:
+                _thread.interrupt_main()  # the driver waits inside Ray Data's iterator; _execute raises self.error
+                return
+
+    def tick(self, now: float | None = None) -> None:
+        import ray
+        from ray.core.generated.gcs_pb2 import ActorTableData
+
+        now = time.monotonic() if now is None else now
+        actors = ray.get(self.journal.gpu_actors.remote(), timeout=30)
+        alive = 0
+        for aid, (handle, _) in actors.items():
+            if aid not in self._seen:  # a handle reports its state only after one call through it
+                handle.__ray_ready__.remote()
+                self._seen.add(aid)
+            alive += handle._get_local_state() == ActorTableData.ActorState.ALIVE
+        if not actors or alive:
+            self._none_alive_since = None
+            return
+        self._none_alive_since = self._none_alive_since or now
+        if now - self._none_alive_since >= self.timeout_s:
+            bad = ray.get(self.journal.quarantined.remote(), timeout=30)
+            names = ", ".join(f"node {b['node'][:12]} GPU {b['gpu']}" for b in bad) or "none"
+            self.error = NoGpuLeft(
+                f"no GPU actor has been alive for {self.timeout_s:.0f} s: {len(bad)} GPU(s) quarantined after device "
+                f"errors ({names}); the others were lost with their nodes or cannot restart. What was written is in "
+                "the manifest: fix or replace the GPUs/nodes and run again to resume")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
