@@ -8,7 +8,8 @@ group is restarted by FailureConfig and resumes the same way. The final checkpoi
 exported to RUN/export/checkpoint-<step>/{unet,controlnet} (released layout).
 
 RUN layout: train/checkpoint-<step:08d>/ (Ray Train's checkpoints), export/,
-metrics.parquet, loss.png, validation/ (the held-out LR/GT inputs), train_job.json.
+metrics.parquet, loss.png, tensorboard/, validation/ (the held-out LR/GT inputs), train_job.json,
+mlflow_run.json (when an MLflow tracking URI is set: the MLflow run a resume continues).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from cluster.weights import check_uris
 
 from .data import arrow_filesystem, dataset, held_out, list_shards, row_counts, validation_rows
 from .job import CHECKPOINT_FILES, CHECKPOINT_PREFIX, TRAIN_WORKER_MEMORY_GB, TrainJob, checkpoint_name
+from .mlflow_log import local_store_path, resolve_tracking, run_params
 from .worker import train_loop, write_metrics
 
 
@@ -86,6 +88,8 @@ def run_train(job: TrainJob, *, num_cpus: int | None = None, log=print) -> dict:
     from srmodel.stages import resolve
 
     started = time.perf_counter()
+    # MLflow (a tracking URI set): resolved once here, for the workers; a URI mlflow cannot use is refused first.
+    tracking = resolve_tracking(job)
     model = resolve(job.model)  # tiny: built here once, workers on this node reuse the cache
     # Weights on object storage: listed here (a typo fails now), staged by each node's workers and decoders.
     check_uris({**model.source.paths(), "seesr_init": job.recipe.seesr_init}, job.storage)
@@ -102,7 +106,8 @@ def run_train(job: TrainJob, *, num_cpus: int | None = None, log=print) -> dict:
     ray_runtime.connect(job.address, num_cpus=num_cpus)
     ray_runtime.check_local_paths_reach_nodes(
         [("TRAINSET", job.trainset), ("RUN", job.run), ("weights", model.source.sd_base),
-         ("--seesr-init", job.recipe.seesr_init)], job.shared_fs)
+         ("--seesr-init", job.recipe.seesr_init), ("MLflow tracking URI", local_store_path(tracking))],
+        job.shared_fs)
     gpus = worker_gpus(job, model.name, log)
     # One optimizer for every rank and every resume: `auto` is resolved here, once, and kept in train_job.json.
     job = job.model_copy(update={"recipe": job.recipe.model_copy(update={"optimizer": resolved_optimizer(job, gpus)})})
@@ -137,7 +142,8 @@ def run_train(job: TrainJob, *, num_cpus: int | None = None, log=print) -> dict:
     storage_fs, storage_path = arrow_filesystem(job.run, job.storage)
     queue = Queue(actor_options={"num_cpus": 0})
     loop_config = {"job": job.model_copy(update={"model": model}).model_dump(mode="json"), "val_rows": val_rows,
-                   "train_rows": sum(counts) - len(exclude), "queue": queue}
+                   "train_rows": sum(counts) - len(exclude), "queue": queue,
+                   "mlflow": tracking and {**tracking, "params": run_params(job, gpus, sum(counts) - len(exclude))}}
     resources = worker_resources(job, gpus, model.name)
     trainer = TorchTrainer(
         train_loop,

@@ -55,8 +55,18 @@ class TrainJob(BaseModel):
                                                "type (very slow, fp32 on gloo)")
     shared_fs: bool = Field(False, description="local TRAINSET/RUN/weights paths are on a filesystem every node "
                                                "mounts at the same path")
+    mlflow_tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI on "
+                                            "the driver); when set, rank 0 logs params, metrics and validation "
+                                            "pictures there (needs the `mlflow` extra)")
+    mlflow_experiment: str | None = Field(None, description="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, "
+                                          "else ugcsr-train)")
     storage: StorageConfig = StorageConfig()
     address: str | None = None
+
+    @field_validator("mlflow_tracking_uri")
+    @classmethod
+    def _no_credentials(cls, v: str | None) -> str | None:
+        return check_no_userinfo(v, "mlflow_tracking_uri")  # the job is kept in train_job.json
 
     @field_validator("trainset", "run")
     @classmethod

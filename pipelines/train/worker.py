@@ -1,8 +1,9 @@
 """What runs inside each Ray Train worker: `train_loop` (resume, micro-batches, checkpoints), validation, metrics.
 
 The recipe of srmodel.train (loss, accumulation, clipping); checkpoints via ray.train.report every
-C optimizer steps; metrics (RUN/metrics.parquet, RUN/loss.png), progress lines and validation
-pictures from rank 0. Ray Train pickles `train_loop` by reference: it stays a module-level function.
+C optimizer steps; metrics (RUN/metrics.parquet, RUN/loss.png, RUN/tensorboard/, MLflow when a tracking
+URI is set), progress lines and validation pictures from rank 0. Ray Train pickles `train_loop` by reference:
+it stays a module-level function.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from cluster.storage import StorageConfig, join, write_bytes_atomic
 
 from .job import TrainJob, checkpoint_name
+from .mlflow_log import MlflowRun
 from .tensorboard import write_events
 
 METRICS_SCHEMA = pa.schema([("step", pa.int64()), ("loss", pa.float64()), ("lr", pa.float64()),
@@ -196,6 +198,11 @@ def train_loop(config: dict) -> None:
     val_batch = _held_out_batch(parts, config.get("val_rows") or []) if rank == 0 else None
     val_prompts = None  # made by the tagger at the first validation
     logged, images = step, {}  # the last step in RUN/tensorboard; validation pictures for the next event file
+    say = queue.put_nowait if queue is not None else (lambda line: None)
+    tracker = MlflowRun(config["mlflow"], job.run, job.run_name, job.storage) if rank == 0 and config.get("mlflow") \
+        else None
+    if tracker is not None:
+        tracker.start(say)  # best effort: opens (or continues) the MLflow run and logs its params
     validate_every = job.validate_every or job.checkpoint_every
     started, last, first_step = time.perf_counter(), time.perf_counter(), step
 
@@ -265,6 +272,8 @@ def train_loop(config: dict) -> None:
                 except Exception as err:  # noqa: BLE001 - logged, training goes on
                     if queue is not None:
                         queue.put_nowait(f"TensorBoard events at step {step} failed: {err!r}")
+                if tracker is not None:  # best effort too: a failure is a line, the backlog goes at the next one
+                    tracker.checkpoint(rows, step, images, step == job.max_steps, say)
                 images = {}
                 if queue is not None:
                     queue.put_nowait(f"checkpoint {name} saved")

@@ -138,8 +138,8 @@ def test_dockerfile_is_the_pinned_ray_gpu_image_installing_like_install_sh():
     assert re.fullmatch(rf"rayproject/ray:{re.escape(ray.__version__)}-py3\d+-gpu", base), base
     ours, script = pip_installs(docker), pip_installs((ROOT / "scripts/install.sh").read_text())
     assert ours[:2] == script[:2], "torch first, then sam2 built against it, same pins and flags"
-    assert script[2] == '-e .[test]' and ours[2] == ".[train-gpu]", \
-        "then this package (in the image: not editable, no test extra, the 8-bit AdamW of train-gpu)"
+    assert script[2] == '-e .[test]' and ours[2] == ".[train-gpu,mlflow]", \
+        "then this package (in the image: not editable, no test extra, the 8-bit AdamW of train-gpu, MLflow's client)"
 
 
 def test_launcher_nodes_allow_imdsv2_only_with_one_hop():

@@ -178,14 +178,20 @@ def test_gradients_equal_one_worker_accum2_and_two_ddp_workers(ray_local, trains
     assert any(float(g.abs().max()) > 0 for g in local.values())
 
 
-def test_overfit_resume_export(ray_local, trainset, tiny_model, tmp_path):
+def test_overfit_resume_export(ray_local, trainset, tiny_model, tmp_path, monkeypatch):
     from srmodel.models.controlnet import SemanticControlNet
     from srmodel.models.unet import SemanticUNet
 
     # 16 pairs - 1 validation row = 15 training rows, batch 2: 7 batches an epoch, so the checkpoint at step 12
     # is 5 batches into epoch 1 and the resume below always passes over part of an epoch.
     kw = dict(shuffle=False, materialize=True, recipe={"batch_size": 2}, checkpoint_every=12)
-    whole = run_train(train_job(trainset, tmp_path / "a", max_steps=24, **kw), log=lambda _: None)
+    # MLflow into a local file store (mlflow-skinny has no server or SQL store): run "a" by the job's fields, run
+    # "b" by $MLFLOW_TRACKING_URI. The driver passes MLFLOW_ALLOW_FILE_STORE on: Ray's workers never see this env.
+    mlruns = tmp_path / "mlruns"
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    whole = run_train(train_job(trainset, tmp_path / "a", max_steps=24, mlflow_tracking_uri=str(mlruns),
+                                mlflow_experiment="overfit", **kw), log=lambda _: None)
     assert whole["step"] == 24
     rows = metrics(tmp_path / "a")
     assert [r["step"] for r in rows] == list(range(1, 25))
@@ -200,12 +206,17 @@ def test_overfit_resume_export(ray_local, trainset, tiny_model, tmp_path):
 
     # resume: 12 steps, then the same command with 24 goes on from step 12, optimizer state included
     lines = []
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{mlruns}")
     run_train(train_job(trainset, tmp_path / "b", max_steps=12, **kw), log=lines.append)
+    assert any(line.startswith("MLflow run ") and "(new) in experiment 'ugcsr-train'" in line for line in lines), lines
     lines.clear()
     again = run_train(train_job(trainset, tmp_path / "b", max_steps=24, **kw), log=lines.append)
     steps = [int(line.split()[1].split("/")[0]) for line in lines if line.startswith("step ")]
     assert steps[0] == 13 and steps[-1] == 24 and again["step"] == 24
     assert any("resumed from checkpoint-00000012 (epoch 1, 10 samples into it)" in line for line in lines), lines
+    assert any(line.startswith("MLflow run ") and "(continued)" in line for line in lines), lines
+    assert any("MLflow params keep the run's first values: max_steps 12 (now 24)" in line for line in lines), lines
+    assert not any("MLflow" in line and "failed" in line for line in lines), lines
     assert [r["step"] for r in metrics(tmp_path / "b")] == list(range(1, 25))
     a = load_file(tmp_path / "a" / "train" / "checkpoint-00000024" / "trainable.safetensors")
     b = load_file(tmp_path / "b" / "train" / "checkpoint-00000024" / "trainable.safetensors")
@@ -257,8 +268,49 @@ def test_overfit_resume_export(ray_local, trainset, tiny_model, tmp_path):
         assert val == {12, 24}
         pictures = [v for e in events for v in e.summary.value if v.tag.startswith("validation/")]
         assert len(pictures) == 2 and all(p.image.width > 0 for p in pictures), run
+    # MLflow: one MLflow run per RUN (the resumed "b" continued its own), every step once with metrics.parquet's
+    # figures, val_loss at the checkpoints, the validation pictures, the params of the run's start
+    for run, experiment in (("a", "overfit"), ("b", "ugcsr-train")):
+        _check_mlflow_run(mlruns, experiment, tmp_path / run, list(range(1, 25)), [12, 24])
+        params = _mlflow_run(mlruns, experiment, tmp_path / run).data.params
+        assert params["recipe.batch_size"] == "2" and params["max_steps"] == {"a": "24", "b": "12"}[run], params
     assert (tmp_path / "a" / "train" / "checkpoint-00000012" / "validation" / "00-sr.png").is_file()
     assert (tmp_path / "a" / "validation" / "00-lr.png").is_file()
+
+
+def _mlflow_run(mlruns, experiment: str, run):
+    """The one MLflow run of RUN `run` in the file store `mlruns` (its id is the one in RUN/mlflow_run.json)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"file://{mlruns}")
+    (found,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
+                                  filter_string=f"tags.`ugcsr.run` = '{run}'")
+    assert found.info.run_id == json.loads((Path(run) / "mlflow_run.json").read_text())["run_id"]
+    return found
+
+
+def _check_mlflow_run(mlruns, experiment: str, run, steps: list[int], checkpoints: list[int], same=True) -> None:
+    """Read back with the MLflow client: each step's figures exactly once, equal to metrics.parquet's; val_loss at the
+    checkpoints; the pictures of each validation as artifacts, equal to the checkpoint's; the run FINISHED.
+    same=False: steps only (steps redone after a restart keep the figures MLflow got first)."""
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    found = _mlflow_run(mlruns, experiment, run)
+    client = MlflowClient(tracking_uri=f"file://{mlruns}")
+    assert found.info.status == "FINISHED", found.info
+    table = {r["step"]: r for r in metrics(run)}
+    for key in ("loss", "lr", "grad_norm", "samples_per_s", "val_loss"):
+        history = sorted((m.step, m.value) for m in client.get_metric_history(found.info.run_id, key))
+        assert [s for s, _ in history] == (checkpoints if key == "val_loss" else steps), (run, key, history)
+        if same:
+            np.testing.assert_allclose([v for _, v in history], [table[s][key] for s, _ in history], rtol=1e-12)
+    folders = [f"validation/checkpoint-{s:08d}" for s in checkpoints]
+    assert [a.path for a in client.list_artifacts(found.info.run_id, "validation")] == folders
+    for folder in folders:
+        local = client.download_artifacts(found.info.run_id, f"{folder}/00-sr.png", str(Path(run) / "mlflow-download"))
+        saved = Path(run) / "train" / folder.split("/")[1] / "validation" / "00-sr.png"
+        assert not same or np.array_equal(np.asarray(Image.open(local)), np.asarray(Image.open(saved).convert("RGB")))
 
 
 def _train_worker_pids(raylet_pid: int):
@@ -335,11 +387,13 @@ def _tensorboard(folder) -> list:
     return events
 
 
-def test_worker_killed_mid_run_continues_from_last_checkpoint(ray_local, trainset, tmp_path):
+def test_worker_killed_mid_run_continues_from_last_checkpoint(ray_local, trainset, tmp_path, monkeypatch):
     import time
 
     run = tmp_path / "run"
-    job = train_job(trainset, run, workers=2, max_steps=24, checkpoint_every=4, max_failures=2, materialize=True)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow too: the restarted group continues its run
+    job = train_job(trainset, run, workers=2, max_steps=24, checkpoint_every=4, max_failures=2, materialize=True,
+                    mlflow_tracking_uri=str(tmp_path / "mlruns"), mlflow_experiment="killed")
     killed, lines, result, saved = threading.Event(), [], {}, {}
     raylet_pid = ray_local.get(ray_local.remote(num_cpus=0)(lambda: int(os.environ["RAY_RAYLET_PID"])).remote())
 
@@ -371,6 +425,9 @@ def test_worker_killed_mid_run_continues_from_last_checkpoint(ray_local, trainse
     for s in range(4, 25, 4):
         state = json.loads((run / "train" / f"checkpoint-{s:08d}" / "state.json").read_text())
         assert state["step"] == s
+    # the restarted worker group continued the MLflow run, and no step reached it twice
+    assert any(line.startswith("MLflow run ") and "(continued)" in line for line in lines), lines
+    _check_mlflow_run(tmp_path / "mlruns", "killed", run, list(range(1, 25)), list(range(4, 25, 4)), same=False)
 
 
 def test_cli_run_on_s3_then_upscale_with_seesr(ray_local, trainset, s3, s3_endpoint, released_tiny, tmp_path):
