@@ -28,7 +28,7 @@ from srmodel.metrics.challenge import SCORE_WEIGHTS, challenge_score
 from srmodel.sampling.seeds import image_id_from_uri
 
 from .paths import IMAGE_EXTENSIONS, output_key
-from .upscale.outputs import latest_rows, read_listing, read_run_manifest
+from .upscale.outputs import open_run_manifest, read_listing
 
 METRICS = ("psnr", "ssim", "lpips", "musiq", "maniqa", "clipiqa")
 SCHEMA = pa.schema(
@@ -120,8 +120,12 @@ def _key(rel: str, strip: re.Pattern | None) -> str:
 
 
 def sr_candidates(job: EvalJob) -> tuple[dict[str, str], dict[str, dict], str]:
-    """(relative path -> SR URI, relative key -> failed manifest row, source kind)."""
-    manifest = read_run_manifest(job.sr, job.storage, columns=["image_id", "status", "stage", "error_type",
+    """(relative path -> SR URI, relative key -> failed manifest row, source kind).
+
+    The manifest is read bucket by bucket of images (`RunManifest.latest_buckets`: bounded memory); what is
+    kept is one entry per output or failed input, in manifest order (each image's first row).
+    """
+    manifest = open_run_manifest(job.sr, job.storage, columns=["image_id", "status", "stage", "error_type",
                                                                 "error_message", "dst_uri", "finished_at"])
     if manifest is None:
         return _list_images(job.sr, job.storage, skip=(job.out_dir(),), outputs=True), {}, "folder"
@@ -130,7 +134,9 @@ def sr_candidates(job: EvalJob) -> tuple[dict[str, str], dict[str, dict], str]:
     listing = read_listing(job.sr, job.storage)
     keys = dict(zip(listing["image_id"].to_pylist(), listing["dst_key"].to_pylist())) if listing is not None else {}
     outputs, failed = {}, {}
-    for row in latest_rows(manifest):
+    rows = (row for latest in manifest.latest_buckets() for part in latest.to_batches(10_000) for row in part.to_pylist())
+    for row in rows:  # dicts for 10,000 rows at a time, not a bucket's million
+        place = row.pop("_row")
         key, uri = keys.get(row["image_id"]), None
         dst_path = filesystem(row["dst_uri"], job.storage)[1] if row.get("dst_uri") else None
         if dst_path and dst_path.startswith(root):
@@ -140,10 +146,21 @@ def sr_candidates(job: EvalJob) -> tuple[dict[str, str], dict[str, dict], str]:
         if key is None:
             continue  # an error row of an input we cannot place (no listing): it has no output either
         if row["status"] == "ok" and row.get("dst_uri"):
-            outputs[key] = uri
+            _place(outputs, key, place, uri)
         elif row["status"] == "error":
-            failed[key] = row
-    return outputs, failed, "upscale run"
+            _place(failed, key, place, row)
+    return _in_order(outputs), _in_order(failed), "upscale run"
+
+
+def _place(found: dict, key: str, place: int, value) -> None:
+    """found[key] = value, remembering the places (manifest rows) of the first image and of the value's."""
+    first, at, old = found.get(key, (place, -1, None))
+    found[key] = (min(first, place), *((place, value) if place > at else (at, old)))
+
+
+def _in_order(found: dict) -> dict:
+    """As a dict filled image by image in manifest order reads: keys at their first image, the last one's value."""
+    return {k: v for k, (_, _, v) in sorted(found.items(), key=lambda kv: kv[1][0])}
 
 
 def pair(gt: dict[str, str], sr: dict[str, str], strip: str | None) -> tuple[dict[str, str], list[str], list[str]]:

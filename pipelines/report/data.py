@@ -1,18 +1,21 @@
 """What a run left, as `ugcsr report` shows it: settings, counts, timings, errors, metrics, gallery picks.
 
 Plain data only (dataclasses, dicts, lists, numpy arrays), no HTML: `render`
-draws it. Aggregates over manifest rows are pyarrow compute; Python loops are
-left for groups, files, the join of outputs with evaluate's rows, and the few
-rows the gallery shows.
+draws it. The manifest streams through tallies (`_AllRows`, `_LatestRows`) in
+bounded memory, whatever its size; aggregates over rows are pyarrow compute,
+Python loops are left for groups, files, the join of outputs with evaluate's
+rows, and the few rows the gallery shows.
 """
 
 from __future__ import annotations
 
+import heapq
 import io
 import json
 import posixpath
 import re
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -21,7 +24,7 @@ import pyarrow.compute as pc
 
 from cluster.storage import StorageConfig, filesystem, is_local, join
 
-from ..upscale.outputs import latest_table, read_run_manifest, read_run_summary
+from ..upscale.outputs import open_run_manifest, read_run_summary
 from .scope import OutOfScope, ReadScope, src_root
 
 STAGES = ("decode", "semantic", "sr", "encode")
@@ -62,9 +65,10 @@ class UpscaleRun:
     dst: str
     settings: list[tuple[str, object]]  # (setting, value), those with a value
     counts: list[list]  # [status, images (latest row each), manifest rows (all runs)], then the totals
-    throughput: dict[str, np.ndarray]  # run -> seconds since its first row, one per finished row, ascending
-    stage_ms: dict[str, np.ndarray]  # stage -> ms per image (rows that timed it), in STAGES order
-    stage_stats: list[list]  # [stage, images, mean ms, p50 ms, p95 ms]
+    throughput: dict[str, np.ndarray]  # run -> seconds since its first row, ascending: each finished row, or a sample
+    finished: dict[str, int]  # run -> its rows with a finished_at (what each throughput sample stands for)
+    stage_ms: dict[str, np.ndarray]  # stage -> ms per image (rows that timed it, or a sample), in STAGES order
+    stage_stats: list[list]  # [stage, images, mean ms, p50 ms, p95 ms]: images and mean exact, percentiles of stage_ms
     errors: list[ErrorGroup]  # most images first
     evaluation: Evaluation | None
     gallery: list[GalleryGroup]  # those with items
@@ -73,24 +77,29 @@ class UpscaleRun:
 
 
 def load_upscale_run(dst: str, storage: StorageConfig, *, eval_dir: str | None, gallery: int,
-                     per_page: int) -> UpscaleRun | None:
-    """Everything the page shows of an upscale DST; None when DST has no manifest."""
-    manifest = read_run_manifest(dst, storage, columns=MANIFEST_COLUMNS)
+                     per_page: int, bucket_rows: int | None = None) -> UpscaleRun | None:
+    """Everything the page shows of an upscale DST; None when DST has no manifest.
+
+    Bounded memory whatever the manifest's size: its rows stream through `_AllRows` and, bucket by bucket of
+    images, their latest rows through `_LatestRows` (`RunManifest.latest_buckets`); only tallies are kept.
+    """
+    manifest = open_run_manifest(dst, storage, columns=MANIFEST_COLUMNS)
     if manifest is None:
         return None
     evaluation = load_evaluation(dst, eval_dir, storage)
-    # latest_table is the one definition of "an image's state" (evaluate uses it too), computed in Arrow.
-    latest = latest_table(manifest)
     summary = read_run_summary(dst, storage) or {}
     src = _recorded_src(dst, summary, storage)
-    stage_ms = _stage_ms(manifest)
+    every, latest = _AllRows(manifest.schema), _LatestRows(evaluation, gallery, per_page)
+    # latest_table (in latest_buckets) is the one definition of "an image's state" (evaluate uses it too).
+    for bucket in manifest.latest_buckets(on_rows=every.add, bucket_rows=bucket_rows):
+        latest.add(bucket)
+    stages = {s: every.stages[s] for s in STAGES if s in every.stages}
     return UpscaleRun(
-        dst=dst, settings=_settings(dst, manifest, summary), counts=_counts(manifest, latest),
-        throughput=_throughput(manifest), stage_ms=stage_ms,
-        stage_stats=[[s, len(v), float(np.mean(v)), float(np.percentile(v, 50)), float(np.percentile(v, 95))]
-                     for s, v in stage_ms.items()],
-        errors=_errors(latest), evaluation=evaluation, gallery=_gallery(latest, evaluation, gallery, per_page),
-        src=src, scope=ReadScope.of(dst, src_root(src)))
+        dst=dst, settings=_settings(dst, every, summary), counts=_counts(every, latest),
+        throughput=every.throughput(), finished={run: t.rows for run, t in every.times.items()},
+        stage_ms={s: t.sample.values() for s, t in stages.items()}, stage_stats=[t.stats(s) for s, t in stages.items()],
+        errors=latest.errors(), evaluation=evaluation, gallery=latest.gallery(), src=src,
+        scope=ReadScope.of(dst, src_root(src)))
 
 
 def _recorded_src(dst: str, summary: dict, storage: StorageConfig) -> str | None:
@@ -119,19 +128,221 @@ def _or(values, default: str):
     return pc.if_else(pc.fill_null(pc.not_equal(values, ""), False), values, default)
 
 
-def _value_counts(values) -> dict:
-    """value -> rows, nulls included (as None), in order of first appearance."""
+def _add_counts(into: dict, values) -> None:
+    """into[value] += rows, nulls included (as None); new values in order of first appearance."""
     counts = pc.value_counts(values)
-    return dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))
+    for value, n in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()):
+        into[value] = into.get(value, 0) + n
 
 
-def _settings(dst: str, manifest: pa.Table, summary: dict) -> list[tuple[str, object]]:
+# ---------------------------------------------------------------- tallies over the manifest
+
+SAMPLE = 20_000  # values kept per plotted series (a run's finish times, a stage's ms); all of them up to this
+
+
+class _Sample:
+    """A uniform sample without replacement of at most `size` values of a stream, in stream order.
+
+    Each value gets a random key from its own seeded generator and the `size` smallest keys stay: the same
+    stream gives the same sample, and a stream of at most `size` values is kept whole.
+    """
+
+    def __init__(self, name: str, dtype, size: int = SAMPLE):
+        self.size, self.rng = size, np.random.default_rng(zlib.crc32(name.encode()))
+        self.keys, self.kept = np.zeros(0), np.zeros(0, dtype)
+
+    def add(self, values: np.ndarray) -> None:
+        self.keys = np.concatenate([self.keys, self.rng.random(len(values))])
+        self.kept = np.concatenate([self.kept, values])
+        if len(self.keys) >= 2 * self.size:  # trimmed now and then: amortised O(1) per value
+            self._trim()
+
+    def values(self) -> np.ndarray:
+        self._trim()
+        return self.kept
+
+    def _trim(self) -> None:
+        if len(self.keys) > self.size:
+            keep = np.sort(np.argpartition(self.keys, self.size - 1)[:self.size])
+            self.keys, self.kept = self.keys[keep], self.kept[keep]
+
+
+@dataclass
+class _Times:
+    """One run's finished_at ticks: how many, the first (tick, manifest row) and a sample."""
+
+    sample: _Sample
+    rows: int = 0
+    first: tuple[int, int] = (np.iinfo(np.int64).max, 0)
+
+
+@dataclass
+class _Stage:
+    """One stage's ms per image: count and sum exact, a sample for the plot and the percentiles."""
+
+    sample: _Sample
+    n: int = 0
+    total: float = 0.0
+
+    def stats(self, stage: str) -> list:
+        v = self.sample.values()
+        mean = float(np.mean(v)) if len(v) == self.n else self.total / self.n  # every value kept: their np.mean
+        return [stage, self.n, mean, float(np.percentile(v, 50)), float(np.percentile(v, 95))]
+
+
+class _AllRows:
+    """Tallies over every manifest row (all runs), fed chunk by chunk: counts exact, plot series sampled."""
+
+    def __init__(self, schema: pa.Schema):
+        self.rows, self.status = 0, {}
+        self.distinct = {c: {} for c in ("params_hash", "model_id", "run", "node_id")}
+        at = schema.field("finished_at").type if "finished_at" in schema.names else None
+        self.unit = at.unit if at is not None and pa.types.is_timestamp(at) else None
+        self.times: dict[str, _Times] = {}
+        self.stages: dict[str, _Stage] = {}
+
+    def add(self, chunk: pa.Table) -> None:
+        self.rows += len(chunk)
+        _add_counts(self.status, _column(chunk, "status"))
+        for col, counts in self.distinct.items():
+            _add_counts(counts, pc.drop_null(_column(chunk, col)))
+        if self.unit:
+            self._add_times(chunk)
+        self._add_stages(chunk)
+
+    def _add_times(self, chunk: pa.Table) -> None:
+        finished = chunk["finished_at"]
+        timed = pa.table({"run": _or(_column(chunk, "run"), "run"), "at": pc.cast(finished, pa.int64()),
+                          "row": chunk["_row"]}).filter(pc.is_valid(finished))
+        if not len(timed):
+            return
+        runs = pc.dictionary_encode(timed["run"]).combine_chunks()
+        codes, ticks, rows = runs.indices.to_numpy(), timed["at"].to_numpy(), timed["row"].to_numpy()
+        for code, run in enumerate(runs.dictionary.to_pylist()):
+            mine = codes == code
+            t = self.times.setdefault(run, _Times(_Sample(run, np.int64)))
+            i = int(np.argmin(ticks[mine]))  # the first of the earliest: rows are in manifest order
+            t.first = min(t.first, (int(ticks[mine][i]), int(rows[mine][i])))
+            t.rows += int(mine.sum())
+            t.sample.add(ticks[mine])
+
+    def _add_stages(self, chunk: pa.Table) -> None:
+        timings = _column(chunk, "timings_ms")
+        if not pa.types.is_struct(timings.type):
+            return
+        names = {timings.type.field(i).name for i in range(timings.type.num_fields)}
+        for s in STAGES:
+            if s not in names:
+                continue
+            ms = pc.struct_field(timings, s)  # null where the row has no timings
+            ms = ms.filter(pc.not_equal(ms, 0))  # a stage that took 0 ms (or was not timed) is not a sample
+            if len(ms):
+                stage = self.stages.setdefault(s, _Stage(_Sample(s, np.float64)))
+                stage.n += len(ms)
+                stage.total += pc.sum(ms).as_py()
+                stage.sample.add(ms.to_numpy())
+
+    def throughput(self) -> dict[str, np.ndarray]:
+        """run -> seconds since its first row of its finished rows (sampled), ascending; runs by first row."""
+        per_second = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}.get(self.unit, 1)
+        runs = sorted(self.times.items(), key=lambda kv: kv[1].first)
+        # exact ticks, one division: as timedelta.total_seconds()
+        return {run: (np.sort(t.sample.values()) - t.first[0]) / per_second for run, t in runs}
+
+
+class _LatestRows:
+    """Tallies over each image's latest row, fed bucket by bucket (rows in manifest order, `_row` their place)."""
+
+    def __init__(self, ev: Evaluation | None, gallery: int, per_page: int):
+        self.images, self.status, self.failures = 0, {}, {}
+        self.by_dst = {path_of(r["sr_uri"]): r for r in (ev.rows if ev else []) if r.get("sr_uri")}
+        scored = [p for p, r in self.by_dst.items() if r.get("psnr") is not None]
+        self.scored = pa.array(scored, pa.string())
+        self.worst_n = min(per_page, max(1, gallery // 3)) if ev else 0
+        self.sample_n = gallery
+        self.worst: list[tuple] = []  # (psnr, _row, row), the worst_n lowest
+        self.sample: list[tuple] = []  # (crc32 of image_id, image_id, row), the sample_n lowest
+
+    def add(self, latest: pa.Table) -> None:
+        self.images += len(latest)
+        _add_counts(self.status, _column(latest, "status"))
+        self._add_failures(latest)
+        status, dst_uri = _column(latest, "status"), _column(latest, "dst_uri")
+        ok = latest.filter(pc.and_(pc.equal(status, "ok"), pc.not_equal(dst_uri, "")))  # nulls drop out
+        self._add_worst(ok)
+        self._add_sample(ok)
+
+    def _add_failures(self, latest: pa.Table) -> None:
+        failed = latest.filter(pc.fill_null(pc.equal(_column(latest, "status"), "error"), False))
+        keys = pa.table({"stage": _or(_column(failed, "stage"), "?"), "error_type": _or(_column(failed, "error_type"), "?"),
+                         "message": pc.fill_null(_column(failed, "error_message"), ""),
+                         "input": pc.fill_null(_column(failed, "src_uri"), ""), "row": failed["_row"]})
+        for g in keys.group_by(["stage", "error_type"], use_threads=False).aggregate([]).to_pylist():
+            mine = keys.filter(pc.and_(pc.equal(keys["stage"], g["stage"]), pc.equal(keys["error_type"], g["error_type"])))
+            self.failures.setdefault((g["stage"], g["error_type"]), _Failures()).add(mine)
+
+    def _add_worst(self, ok: pa.Table) -> None:
+        if not self.worst_n or not len(self.scored):
+            return
+        paths = pc.replace_substring_regex(_column(ok, "dst_uri"), pattern="^file://", replacement="")  # path_of
+        for r in ok.filter(pc.is_in(paths, value_set=self.scored)).to_pylist():
+            self.worst.append((self.by_dst[path_of(r["dst_uri"])]["psnr"], r.pop("_row"), r))
+        # by PSNR, ties in manifest order (as a stable sort of the latest rows)
+        self.worst = sorted(self.worst, key=lambda w: w[:2])[:self.worst_n]
+
+    def _add_sample(self, ok: pa.Table) -> None:
+        if not self.sample_n or not len(ok):
+            return
+        ids = _column(ok, "image_id").to_pylist()
+        picks = heapq.nsmallest(self.sample_n, ((zlib.crc32((i or "").encode()), i or "", k) for k, i in enumerate(ids)))
+        rows = _rows(ok.drop_columns(["_row"]), [k for _, _, k in picks])
+        self.sample = sorted(self.sample + [(c, i, r) for (c, i, _), r in zip(picks, rows)], key=lambda p: p[:2])
+        del self.sample[self.sample_n:]
+
+    def errors(self) -> list[ErrorGroup]:
+        # most images first; equal sizes in order of the group's first image in the manifest
+        groups = sorted(self.failures.items(), key=lambda kv: (-kv[1].images, kv[1].first))
+        return [ErrorGroup(stage, error_type, f.images, list(f.messages)[:3], [i for _, i in f.inputs])
+                for (stage, error_type), f in groups]
+
+    def gallery(self) -> list[GalleryGroup]:
+        def item(row: dict, why: str) -> GalleryItem:
+            return GalleryItem(row, self.by_dst.get(path_of(row["dst_uri"])), why)
+
+        sample = sorted((r for _, _, r in self.sample), key=lambda r: (r["image_id"] is None, r["image_id"] or ""))
+        groups = [GalleryGroup("Lowest PSNR", "worst", [item(r, "lowest PSNR") for _, _, r in self.worst]),
+                  GalleryGroup("Sample", "sample", [item(r, "sample") for r in sample])]
+        return [g for g in groups if g.items]
+
+
+@dataclass
+class _Failures:
+    """Images in error of one stage and error type, as the page shows them: the count and the first few."""
+
+    images: int = 0
+    first: int = np.iinfo(np.int64).max  # the manifest row of the group's first image
+    messages: dict = field(default_factory=dict)  # the first 3 distinct messages -> their first row, in that order
+    inputs: list = field(default_factory=list)  # (row, input) of the first 5 images
+
+    def add(self, rows: pa.Table) -> None:
+        """One bucket's images of the group, in manifest order. A bucket's first few are enough: whatever comes
+        first overall is among the first few of its bucket."""
+        self.images += len(rows)
+        place = rows["row"]
+        self.first = min(self.first, place[0].as_py())
+        messages = dict(self.messages)
+        for m in pc.unique(rows["message"])[:3].to_pylist():
+            at = place[pc.index(rows["message"], m).as_py()].as_py()
+            messages[m] = min(messages.get(m, at), at)
+        self.messages = dict(sorted(messages.items(), key=lambda kv: kv[1])[:3])
+        self.inputs = sorted(self.inputs + list(zip(place[:5].to_pylist(), rows["input"][:5].to_pylist())))[:5]
+
+
+def _settings(dst: str, every: _AllRows, summary: dict) -> list[tuple[str, object]]:
     def distinct(col):
-        counts = pc.value_counts(pc.drop_null(_column(manifest, col)))
         # most rows first; the sort is stable, so ties stay in order of first appearance (as Counter.most_common)
-        top = counts.take(pc.array_sort_indices(counts.field("counts"), order="descending")[:5])
-        return ", ".join(f"{k} ({n} rows)" for k, n in zip(top.field("values").to_pylist(),
-                                                            top.field("counts").to_pylist())) or None
+        top = sorted(every.distinct[col].items(), key=lambda kv: -kv[1])[:5]
+        return ", ".join(f"{k} ({n} rows)" for k, n in top) or None
 
     items = [("DST", dst), ("SRC", summary.get("src")), ("preset", summary.get("preset")),
              ("params_hash", distinct("params_hash")), ("model_id", distinct("model_id")),
@@ -142,55 +353,10 @@ def _settings(dst: str, manifest: pa.Table, summary: dict) -> list[tuple[str, ob
     return [(k, v) for k, v in items if v not in (None, "", {})]
 
 
-def _counts(manifest: pa.Table, latest: pa.Table) -> list[list]:
-    now, every = _value_counts(_column(latest, "status")), _value_counts(_column(manifest, "status"))
-    statuses = sorted(set(now) | set(every), key=str)
-    return [[s, now.get(s, 0), every.get(s, 0)] for s in statuses] + [["total", len(latest), len(manifest)]]
-
-
-def _throughput(manifest: pa.Table) -> dict[str, np.ndarray]:
-    finished = _column(manifest, "finished_at")
-    if not pa.types.is_timestamp(finished.type):
-        return {}
-    timed = pa.table({"run": _or(_column(manifest, "run"), "run"), "at": finished}).filter(pc.is_valid(finished))
-    timed = timed.take(pc.sort_indices(timed["at"]))  # stable: rows at the same time stay in manifest order
-    per_second = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}[finished.type.unit]
-    # use_threads=False keeps runs and each run's times in the (sorted) input order
-    grouped = timed.group_by("run", use_threads=False).aggregate([("at", "list")])
-    out = {}
-    for run, times in zip(grouped["run"].to_pylist(), grouped["at_list"]):
-        ticks = times.values.cast(pa.int64()).to_numpy()
-        out[run] = (ticks - ticks[0]) / per_second  # exact ticks, one division: as timedelta.total_seconds()
-    return out
-
-
-def _stage_ms(manifest: pa.Table) -> dict[str, np.ndarray]:
-    timings = _column(manifest, "timings_ms")
-    if not pa.types.is_struct(timings.type):
-        return {}
-    names = {timings.type.field(i).name for i in range(timings.type.num_fields)}
-    out = {}
-    for s in STAGES:
-        if s not in names:
-            continue
-        ms = pc.struct_field(timings, s)  # null where the row has no timings
-        ms = ms.filter(pc.not_equal(ms, 0))  # a stage that took 0 ms (or was not timed) is not a sample
-        if len(ms):
-            out[s] = ms.to_numpy()
-    return out
-
-
-def _errors(latest: pa.Table) -> list[ErrorGroup]:
-    failed = latest.filter(pc.fill_null(pc.equal(_column(latest, "status"), "error"), False))
-    keys = pa.table({"stage": _or(_column(failed, "stage"), "?"), "error_type": _or(_column(failed, "error_type"), "?"),
-                     "message": pc.fill_null(_column(failed, "error_message"), ""),
-                     "input": pc.fill_null(_column(failed, "src_uri"), "")})
-    grouped = keys.group_by(["stage", "error_type"], use_threads=False).aggregate([("message", "list"),
-                                                                                   ("input", "list")])
-    groups = [ErrorGroup(g["stage"], g["error_type"], len(g["input_list"]),
-                         list(dict.fromkeys(g["message_list"]))[:3], g["input_list"][:5])
-              for g in grouped.to_pylist()]
-    return sorted(groups, key=lambda g: -g.images)  # stable: equal sizes stay in order of first appearance
+def _counts(every: _AllRows, latest: _LatestRows) -> list[list]:
+    now, all_rows = latest.status, every.status
+    statuses = sorted(set(now) | set(all_rows), key=str)
+    return [[s, now.get(s, 0), all_rows.get(s, 0)] for s in statuses] + [["total", latest.images, every.rows]]
 
 
 # ---------------------------------------------------------------- evaluation
@@ -248,32 +414,6 @@ def load_evaluation(dst: str, eval_dir: str | None, storage: StorageConfig) -> E
 def path_of(uri: str) -> str:
     """A URI as evaluate and the manifest may both spell it (file:// or not)."""
     return uri[len("file://"):] if uri.startswith("file://") else uri
-
-
-def _gallery(latest: pa.Table, ev: Evaluation | None, gallery: int, per_page: int) -> list[GalleryGroup]:
-    status, dst_uri = _column(latest, "status"), _column(latest, "dst_uri")
-    ok = latest.filter(pc.and_(pc.equal(status, "ok"), pc.not_equal(dst_uri, "")))  # nulls drop out
-    by_dst = {path_of(r["sr_uri"]): r for r in (ev.rows if ev else []) if r.get("sr_uri")}
-    worst = []
-    if ev:
-        dsts = [path_of(u) for u in ok["dst_uri"].to_pylist()]
-        scored = [i for i, p in enumerate(dsts) if p in by_dst and by_dst[p].get("psnr") is not None]
-        scored.sort(key=lambda i: by_dst[dsts[i]]["psnr"])  # stable, as the run's rows: ties keep that order
-        worst = _rows(ok, scored[:min(per_page, max(1, gallery // 3))])
-    groups = [GalleryGroup("Lowest PSNR", "worst", [GalleryItem(r, by_dst.get(path_of(r["dst_uri"])), "lowest PSNR")
-                                                    for r in worst]),
-              GalleryGroup("Sample", "sample", [GalleryItem(r, by_dst.get(path_of(r["dst_uri"])), "sample")
-                                                for r in _sample(ok, gallery)])]
-    return [g for g in groups if g.items]
-
-
-def _sample(rows: pa.Table, n: int) -> list[dict]:
-    """n rows spread evenly over the run, in a stable order (by image_id), never all of a huge run."""
-    rows = rows.take(pc.sort_indices(rows["image_id"]))
-    if len(rows) <= n:
-        return rows.to_pylist()
-    idx = np.linspace(0, len(rows) - 1, n).round().astype(int)
-    return _rows(rows, list(dict.fromkeys(idx.tolist())))
 
 
 def _rows(table: pa.Table, indices: list[int]) -> list[dict]:

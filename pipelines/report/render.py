@@ -206,7 +206,7 @@ def _new_fig(w: float = 7.5, h: float = 3.2):
 def _upscale_sections(page: _Page, run: UpscaleRun, storage, per_page: int) -> None:
     page.add("settings", "Run settings", rows=run.settings)
     page.add("counts", "Counts by status", rows=run.counts)
-    page.add("timing", "Throughput and stage times", throughput=_throughput_plot(page, run.throughput),
+    page.add("timing", "Throughput and stage times", throughput=_throughput_plot(page, run.throughput, run.finished),
              stages=_stages_plot(page, run.stage_ms), stage_rows=run.stage_stats)
     page.add("errors", "Errors", groups=run.errors)
     if run.evaluation is not None:
@@ -221,17 +221,18 @@ def _upscale_sections(page: _Page, run: UpscaleRun, storage, per_page: int) -> N
     page.add("gallery", "Gallery", groups=groups, per_page=per_page)
 
 
-def _throughput_plot(page: _Page, throughput: dict[str, np.ndarray]) -> dict | None:
+def _throughput_plot(page: _Page, throughput: dict[str, np.ndarray], finished: dict[str, int]) -> dict | None:
     if not throughput:
         return None
     fig, ax = _new_fig()
     ax2 = ax.twinx()
     for run, secs in throughput.items():
-        ax.step(secs, np.arange(1, len(secs) + 1), where="post", marker="o", ms=3, label=f"run {run}: images done")
+        per = finished.get(run, len(secs)) / len(secs)  # rows each time stands for: 1, or more for a sample
+        ax.step(secs, np.arange(1, len(secs) + 1) * per, where="post", marker="o", ms=3, label=f"run {run}: images done")
         if secs[-1] > 0:  # images/s in ~20 bins: the manifest is flushed in batches, so finer bins are noise
             bins = np.linspace(0, secs[-1], min(20, len(secs)) + 1)
             counts, edges = np.histogram(secs, bins=bins)
-            ax2.bar(edges[:-1], counts / np.diff(edges), width=np.diff(edges), align="edge", alpha=0.25)
+            ax2.bar(edges[:-1], counts * per / np.diff(edges), width=np.diff(edges), align="edge", alpha=0.25)
     if all(secs[-1] == 0 for secs in throughput.values()):
         ax.set_xlim(-1, 1)
         ax.text(0.5, 0.85, "every row of each run was written in one manifest flush:\nno finer timing to show",
