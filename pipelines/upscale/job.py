@@ -50,6 +50,10 @@ class ResourcesConfig(BaseModel):
     read_memory_gb: float | None = Field(None, ge=0, description="host memory (GiB) reserved per read/decode task; "
                                          "default on GPU clusters: two read_batch_pixels of RGB plus fetch_threads x "
                                          "32 MiB of fetched bytes; none on CPU-only ones or for the tiny preset")
+    write_memory_gb: float | None = Field(None, ge=0, description="host memory (GiB) reserved per write/encode task, "
+                                          "which holds one SR batch of outputs (sr_batch x output pixels x 3 bytes, "
+                                          "plus the encoded copies); default none: set it when outputs are large "
+                                          "(x4 of 64 MP inputs: 8 x 256 MP x 3 B = 6 GiB) so Ray runs fewer at once")
     sr_memory_gb: float | None = Field(None, ge=0, description=f"host memory (GiB) reserved per SR actor; "
                                        f"default {SR_MEMORY_GB:g} on GPU clusters (fused actors add semantic_memory_gb), none on CPU-only ones or "
                                        "for the tiny preset")

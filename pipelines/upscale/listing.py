@@ -174,8 +174,21 @@ def group_units(units: list[tuple], tasks: int) -> list[list[tuple]]:
     return [units[i::n] for i in range(n)] if units else []
 
 
+PIECE_ROWS = 500_000  # rows a list task holds before storing them as a piece (a flat folder may hold 10^8)
+
+
 def _rows_of_unit(unit: tuple, ctx: dict) -> tuple[list[str], list[str]]:
-    """(URIs, output keys before de-duplication) of one unit."""
+    """(URIs, output keys before de-duplication) of one unit, all at once (small tools and tests)."""
+    uris, keys = [], []
+    for u, k in _chunks_of_unit(unit, ctx, None):
+        uris += u
+        keys += k
+    return uris, keys
+
+
+def _chunks_of_unit(unit: tuple, ctx: dict, rows: int | None):
+    """(URIs, output keys before de-duplication) of one unit, `rows` at a time (None: one chunk): a flat folder
+    or key range is read entry by entry / page by page, never held whole."""
     storage = StorageConfig.model_validate(ctx["storage"])
     fmt = ctx["format"]
     kind = unit[0]
@@ -184,18 +197,37 @@ def _rows_of_unit(unit: tuple, ctx: dict) -> tuple[list[str], list[str]]:
         root = root.rstrip("/")
         inside = ctx["dst_path"].rstrip("/") + "/"
         if kind == "tree":
-            paths = fs.find(unit[1])
+            paths = iter(fs.find(unit[1]))
         elif kind == "files":
-            paths = [name for name, is_dir in _entries(fs, unit[1]) if not is_dir]
+            paths = (name for name, is_dir in _entries(fs, unit[1]) if not is_dir)
         else:  # a key range of an S3 prefix, page by page (keys only)
             bucket, _, key_root = root.partition("/")
             prefix = (key_root + "/" if key_root else "") + unit[2]
             exact = unit[3]  # the one key equal to the prefix, seen when it was split
-            paths = [f"{bucket}/{prefix}"] if exact else [k for keys, _ in s3_key_pages(fs, bucket, prefix) for k in keys]
+            paths = iter([f"{bucket}/{prefix}"]) if exact else (k for keys, _ in s3_key_pages(fs, bucket, prefix)
+                                                                  for k in keys)
+        chunk = []
+        for path in paths:
+            if posixpath.splitext(path)[1].lower() in IMAGE_EXTENSIONS and not path.startswith(inside):
+                chunk.append(path)
+                if rows and len(chunk) >= rows:
+                    yield _uris_and_keys(fs, root, sorted(chunk), fmt)
+                    chunk = []
         fs.invalidate_cache()
-        paths = sorted(p for p in paths if posixpath.splitext(p)[1].lower() in IMAGE_EXTENSIONS and not p.startswith(inside))
-        uris = ["file://" + p for p in paths] if is_local(fs) else [uri_of(fs, p) for p in paths]
-        return uris, [output_key(p[len(root) + 1 :], fmt) for p in paths]
+        if chunk or not rows:
+            yield _uris_and_keys(fs, root, sorted(chunk), fmt)
+        return
+    yield _listed_rows(unit, storage, fmt, ctx)
+
+
+def _uris_and_keys(fs, root: str, paths: list[str], fmt: str) -> tuple[list[str], list[str]]:
+    uris = ["file://" + p for p in paths] if is_local(fs) else [uri_of(fs, p) for p in paths]
+    return uris, [output_key(p[len(root) + 1 :], fmt) for p in paths]
+
+
+def _listed_rows(unit: tuple, storage: StorageConfig, fmt: str, ctx: dict) -> tuple[list[str], list[str]]:
+    """The rows of a list SRC's unit: a Parquet file's row groups or a text file."""
+    kind = unit[0]
     if kind == "parquet":
         fs, path = filesystem(unit[1], storage)
         with fs.open(path, "rb") as f:
@@ -229,11 +261,32 @@ def _listing_rows(units: list[tuple], ctx: dict) -> pa.Table:
                     schema=LISTING_SCHEMA)
 
 
-def list_piece(units: list[tuple], ctx: dict, uri: str, buckets: int | None) -> dict:
-    """(Ray task) Rows of some units, stored as one piece at `uri` bucketed by output key; counts and offsets back."""
-    table = _listing_rows(units, ctx)
-    return write_piece(uri, table, table.column("dst_key").to_pylist(), StorageConfig.model_validate(ctx["storage"]),
-                       buckets)
+def list_pieces(units: list[tuple], ctx: dict, uri: str, buckets: int | None,
+                piece_rows: int = PIECE_ROWS) -> list[tuple[str, dict]]:
+    """(Ray task) Rows of some units, stored as pieces bucketed by output key, a piece per `piece_rows` rows
+    (`uri` with -0000, -0001... before its extension): a task's memory is one piece's, whatever its units hold.
+    Returns (uri, counts and offsets) of each piece."""
+    storage = StorageConfig.model_validate(ctx["storage"])
+    stem, ext = posixpath.splitext(uri)
+    out, uris, keys = [], [], []
+
+    def store():
+        table = pa.table({"image_id": [image_id_from_uri(u) for u in uris], "src_uri": uris, "dst_key": keys},
+                         schema=LISTING_SCHEMA)
+        piece_uri = f"{stem}-{len(out):04d}{ext}"
+        out.append((piece_uri, write_piece(piece_uri, table, keys, storage, buckets)))
+        uris.clear()
+        keys.clear()
+
+    for unit in units:
+        for u, k in _chunks_of_unit(unit, ctx, piece_rows):
+            uris += u
+            keys += k
+            if len(uris) >= piece_rows:
+                store()
+    if uris or not out:
+        store()
+    return out
 
 
 def merge_bucket(tables: list[pa.Table]) -> pa.Table:

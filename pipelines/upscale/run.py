@@ -112,15 +112,14 @@ def _plan_pieces(job: UpscaleJob, run_id: str, plan_dir: str, ctx: dict, tasks: 
     retries = job.retries.task_max_retries
     task = ray.remote(max_retries=retries)
     buckets = meta["buckets"] if cached else job.plan_buckets  # None: chosen from the count once listed
-    list_uris, list_refs, listing_id = [], [], None
+    list_refs, listing_id = [], None
     if not cached:
         units, known_rows = ray.get(task(L.discover_units).remote(job.src, job.dst, storage, max_units=tasks))
         if buckets is None and known_rows is not None:
             buckets = _auto_buckets(job, known_rows)
         listing_id = L.new_listing_id()
         for i, group in enumerate(L.group_units(units, tasks)):
-            list_uris.append(join(plan_dir, f"list-{i:05d}.arrow"))
-            list_refs.append(task(L.list_piece).remote(group, ctx, list_uris[-1], buckets))
+            list_refs.append(task(L.list_pieces).remote(group, ctx, join(plan_dir, f"list-{i:05d}.arrow"), buckets))
     # The done set: ok rows of this params_hash in every manifest part, bucketed like the listing.
     files = manifest_files(job.dst, storage)
     per = max(1, math.ceil(len(files) / tasks))
@@ -129,8 +128,8 @@ def _plan_pieces(job: UpscaleJob, run_id: str, plan_dir: str, ctx: dict, tasks: 
         done_uris.append(join(plan_dir, f"done-{i // per:05d}.arrow"))
         done_refs.append(task(done_piece).remote(files[i : i + per], dst=job.dst, storage=cfg,
                                                  params_hash=job.params_hash(), uri=done_uris[-1], buckets=buckets))
-    # T offset arrays (32 KiB each) on the driver, whatever the corpus; the rows stay in the pieces.
-    lists = list(zip(list_uris, ray.get(list_refs)))
+    # An offset array (32 KiB) per piece on the driver: T tasks, plus one per PIECE_ROWS rows; the rows stay there.
+    lists = [piece for pieces in ray.get(list_refs) for piece in pieces]
     dones = list(zip(done_uris, ray.get(done_refs)))
     if buckets is None:
         buckets = _auto_buckets(job, sum(p["rows"] for _, p in lists))
@@ -317,7 +316,7 @@ def _build_dataset(job: UpscaleJob, plan: Plan, pools: dict, journal=None, progr
     ds = ds.map_batches(io.write, fn_kwargs={"dst": job.dst, "fmt": job.format, "quality": job.quality,
                                              "storage": storage, "progress": progress, "fence": fence, **guard},
                         batch_size=r.sr_batch, num_cpus=r.encode_cpus, compute=TaskPoolStrategy(size=writes),
-                        **task_retry)
+                        **({"memory": r.write_memory_gb * 2**30} if r.write_memory_gb else {}), **task_retry)
     return ds
 
 

@@ -267,7 +267,7 @@ def test_what_a_planning_task_returns_to_the_driver_does_not_grow_with_its_rows(
     T=256, B=400. A task now stores its rows as one piece and returns counts and offsets of fixed size."""
     import pickle
 
-    from pipelines.upscale.listing import list_piece
+    from pipelines.upscale.listing import list_pieces
 
     src = tmp_path / "src"
     sizes = {}
@@ -278,10 +278,45 @@ def test_what_a_planning_task_returns_to_the_driver_does_not_grow_with_its_rows(
             (folder / f"{i:05d}.png").write_bytes(b"")
         ctx = {"src": str(src), "dst_path": str(tmp_path / "out"), "format": "png",
                "storage": S.model_dump(mode="json"), "cwd": str(tmp_path)}
-        out = list_piece([("tree", str(folder))], ctx, str(tmp_path / f"list-{n}.arrow"), 400)
+        (_, out), = list_pieces([("tree", str(folder))], ctx, str(tmp_path / f"list-{n}.arrow"), 400)
         assert out["rows"] == n
         sizes[n] = len(pickle.dumps(out))
     assert abs(sizes[4000] - sizes[10]) <= 8 and max(sizes.values()) <= 40_000, sizes
+
+
+def test_a_list_task_stores_a_flat_folder_as_pieces_of_bounded_rows(tmp_path):
+    """Issue 19: a local flat folder is one unit, read by one task (a directory is read in order), which held all
+    its rows (10^8 files: tens of GB). The task now streams it into pieces of at most piece_rows rows."""
+    import pyarrow as pa
+
+    from pipelines.upscale import listing as L
+    from pipelines.upscale.pieces import read_spans, spans
+
+    folder = tmp_path / "src"
+    folder.mkdir()
+    for i in range(2500):
+        (folder / f"{i:05d}.png").write_bytes(b"")
+    (folder / "notes.txt").write_bytes(b"")
+    ctx = {"src": str(folder), "dst_path": str(tmp_path / "out"), "format": "png",
+           "storage": S.model_dump(mode="json"), "cwd": str(tmp_path)}
+    held = []
+    chunks = L._chunks_of_unit
+
+    def spy(unit, ctx, rows):
+        for uris, keys in chunks(unit, ctx, rows):
+            held.append(len(uris))
+            yield uris, keys
+
+    L._chunks_of_unit = spy
+    try:
+        pieces = L.list_pieces([("files", str(folder))], ctx, str(tmp_path / "list-00000.arrow"), None, piece_rows=1000)
+    finally:
+        L._chunks_of_unit = chunks
+    assert [p["rows"] for _, p in pieces] == [1000, 1000, 500] and max(held) <= 1000
+    buckets = 7
+    rows = pa.concat_tables([read_spans(spans(pieces, k, buckets), L.LISTING_SCHEMA, S, k, buckets)
+                             for k in range(buckets)])
+    assert sorted(rows.column("dst_key").to_pylist()) == [f"{i:05d}.png" for i in range(2500)]
 
 
 def _moto_keys(bucket: str, keys: list[str]) -> None:

@@ -239,6 +239,10 @@ def test_sr_tasks_take_a_model_batch_not_a_whole_read_block(ray_local, tmp_path)
     names = [o.name for o in reversed(ops)]
     repart = next(i for i, n in enumerate(names) if "Repartition" in n)
     assert "read_decode" in names[repart - 1] and "SemanticSRStage" in names[repart + 1], names
+    # Write tasks hold an SR batch of outputs: `write_memory_gb` reserves it (none unless asked).
+    write = lambda job_: build_dataset(job_, plan, pools)._logical_plan.dag  # noqa: E731
+    assert "memory" not in write(j).ray_remote_args
+    assert write(job(tmp_path, tmp_path / "out", resources={"write_memory_gb": 6})).ray_remote_args["memory"] == 6 * 2**30
 
 
 def test_manifest_parts_are_bounded_by_rows_and_by_time(tmp_path):
