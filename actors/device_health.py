@@ -9,11 +9,15 @@ crash journal) tells the two apart:
   GPU's: it is quarantined at once;
 - otherwise the images are retried one at a time (guard.py) and an image that fails again is the
   culprit: its faults are struck from the GPU's record;
-- faults left unexplained by a blamed image, with `max_faults` disjoint sets of images, also quarantine
-  the GPU (one that fails under load but passes the self-test).
+- a GPU that keeps failing without a batch finishing in between is quarantined too: device errors with
+  `max_faults` disjoint sets of images, or `max_faults` images blamed there (one that fails under load
+  but passes the self-test). A finished batch clears its record, so poison images spread over a long run
+  never quarantine a good GPU.
 
-An actor on a quarantined GPU stops for good (`DeviceQuarantined` in its constructor: Ray does not restart
-an actor whose constructor raised); new actors avoid the GPU's node (Ray places by node, not by GPU).
+Only errors the process reports (device errors, the self-test, the model load) count: a bare death (host
+OOM, a native crash) is never held against a GPU. An actor on a quarantined GPU stops for good
+(`DeviceQuarantined` in its constructor: Ray does not restart an actor whose constructor raised); new
+actors avoid the GPU's node (Ray places by node, not by GPU).
 """
 
 from __future__ import annotations
@@ -82,25 +86,30 @@ class DeviceRecord:
 
     def __init__(self, max_faults: int = 3):
         self.max_faults = max_faults
-        self.faults: dict[str, list[frozenset]] = {}
+        self.faults: dict[str, list[frozenset]] = {}  # since the GPU's last finished batch
+        self.blamed_here: dict[str, int] = {}  # images blamed for deaths there, since then
+        self.total: dict[str, int] = {}
         self.state: dict[str, str] = {}  # key -> "suspect" | "quarantined" (absent: fine)
         self.reason: dict[str, str] = {}
 
+    def _quarantine(self, key: str, error: str) -> None:
+        self.state[key] = "quarantined"
+        self.reason[key] = error[:300]
+
     def fault(self, keys: list[str], images: list[str], error: str) -> bool:
-        """Record a fatal device error (or death) on these GPUs while `images` were processed; [] means a
-        fresh process failed before any image. True when the GPU is now quarantined."""
+        """Record a fatal device error on these GPUs while `images` were processed; [] means a fresh process
+        failed before any image. True when the GPU is now quarantined."""
         quarantined = False
         for key in keys:
-            if self.state.get(key) == "quarantined":
-                quarantined = True
-                continue
-            self.faults.setdefault(key, []).append(frozenset(images))
-            self.reason[key] = error[:300]
-            if not images or _disjoint_sets(self.faults[key]) >= self.max_faults:
-                self.state[key] = "quarantined"
-                quarantined = True
-            else:
-                self.state[key] = "suspect"
+            if self.state.get(key) != "quarantined":
+                self.faults.setdefault(key, []).append(frozenset(images))
+                self.total[key] = self.total.get(key, 0) + 1
+                self.reason[key] = error[:300]
+                if not images or _disjoint_sets(self.faults[key]) >= self.max_faults:
+                    self._quarantine(key, error)
+                else:
+                    self.state[key] = "suspect"
+            quarantined = quarantined or self.state[key] == "quarantined"
         return quarantined
 
     def passed(self, keys: list[str]) -> None:
@@ -109,10 +118,21 @@ class DeviceRecord:
             if self.state.get(key) == "suspect":
                 del self.state[key]
 
-    def blamed(self, image: str) -> None:
-        """`image` was found to be the culprit: faults that involved it say nothing about the GPUs."""
+    def blamed(self, image: str, died_on: list[str]) -> None:
+        """`image` was found to be the culprit of deaths on the GPUs `died_on`: faults that involved it say
+        nothing about any GPU, but a GPU where `max_faults` images were blamed in a row is the culprit itself."""
         for key, sets in self.faults.items():
             self.faults[key] = [s for s in sets if image not in s]
+        for key in dict.fromkeys(died_on):
+            self.blamed_here[key] = self.blamed_here.get(key, 0) + 1
+            if self.blamed_here[key] >= self.max_faults and self.state.get(key) != "quarantined":
+                self._quarantine(key, f"{self.blamed_here[key]} images in a row were blamed for deaths on it")
+
+    def finished(self, keys: list[str]) -> None:
+        """A batch finished on these GPUs: they work; what failed before was the images' or passing."""
+        for key in keys:
+            self.faults.pop(key, None)
+            self.blamed_here.pop(key, None)
 
     def status(self, keys: list[str]) -> str:
         states = {self.state.get(k, "ok") for k in keys}
@@ -125,5 +145,5 @@ class DeviceRecord:
         return sorted({k.rsplit(":gpu", 1)[0] for k in self.quarantined_keys()})
 
     def report(self) -> list[dict]:
-        return [{"node": k.rsplit(":gpu", 1)[0], "gpu": k.rsplit(":gpu", 1)[1], "faults": len(self.faults.get(k, [])),
+        return [{"node": k.rsplit(":gpu", 1)[0], "gpu": k.rsplit(":gpu", 1)[1], "faults": self.total.get(k, 0),
                  "last_error": self.reason.get(k, "")} for k in sorted(self.quarantined_keys())]

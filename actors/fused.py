@@ -16,10 +16,14 @@ class SemanticSRStage:
 
     def __init__(self, config: dict, device: str | None = None, base_seed: int = 0, cpu_threads: int | None = None,
                  max_output_pixels: int | None = None, cache_uri: str | None = None, storage: dict | None = None,
-                 gpu_share: float = 1.0, time_budget_s: float | None = None):
+                 gpu_share: float = 1.0, time_budget_s: float | None = None, call_output_pixels: int | None = None):
         self.semantic = SemanticStage(config, device, cpu_threads, cache_uri=cache_uri, storage=storage)
         self.sr = SRStage(config, self.semantic.device, base_seed, cpu_threads, max_output_pixels, storage=storage,
-                          gpu_share=gpu_share, fused_semantic=True, time_budget_s=time_budget_s)
+                          gpu_share=gpu_share, fused_semantic=True, time_budget_s=time_budget_s,
+                          call_output_pixels=call_output_pixels)
+
+    def parts(self, batch: dict) -> list[tuple[int, int]]:
+        return self.sr.parts(batch)
 
     def __call__(self, batch: dict) -> dict:
         return self.sr(self.semantic(batch))

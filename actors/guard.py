@@ -38,18 +38,14 @@ class CrashJournal:
         self.devices = DeviceRecord(max_device_faults)
         self.actors: dict[str, tuple] = {}  # actor id -> (handle, where)
 
-    def begin(self, key: str, where: dict | None = None, images: list[str] = ()) -> dict:
+    def begin(self, key: str, where: dict | None = None) -> dict:
         """An attempt at batch `key` starts (on GPU `where`, None for CPU stages); a previous attempt that never
         ended died. Returns the attempt number, deaths per image (those on GPUs quarantined since left out)
         and whether this GPU is quarantined (the actor must stop)."""
-        e = self.inflight.setdefault(key, {"attempts": 0, "current": None, "crashes": {}, "keys": [],
-                                           "images": list(images)})
+        e = self.inflight.setdefault(key, {"attempts": 0, "current": None, "crashes": {}, "keys": []})
         if e["current"] is not None:  # the previous attempt died while trying this image
             e["crashes"].setdefault(e["current"], []).append(e["keys"])
-            self.devices.fault(e["keys"], [e["current"]], "the worker died")
             e["current"] = None
-        elif e["attempts"]:  # a whole-batch attempt died
-            self.devices.fault(e["keys"], e["images"], "the worker died")
         e["attempts"] += 1
         e["keys"] = device_keys(where)
         bad = self.devices.quarantined_keys()
@@ -61,13 +57,16 @@ class CrashJournal:
             self.inflight[key]["current"] = image_id
 
     def end(self, key: str) -> None:
-        self.inflight.pop(key, None)
+        e = self.inflight.pop(key, None)
+        if e:
+            self.devices.finished(e["keys"])
 
     def pending(self) -> int:
         return len(self.inflight)
 
-    def blame(self, image_id: str) -> None:
-        self.devices.blamed(image_id)
+    def blame(self, key: str, image_id: str) -> None:
+        e = self.inflight.get(key, {})
+        self.devices.blamed(image_id, [k for keys in e.get("crashes", {}).get(image_id, []) for k in keys])
 
     def device_fault(self, where: dict, images: list[str], error: str) -> bool:
         return self.devices.fault(device_keys(where), images, error)
@@ -89,6 +88,9 @@ class CrashJournal:
 
     def gpu_actors(self) -> dict[str, tuple]:
         return dict(self.actors)
+
+    def forget_actors(self) -> None:
+        self.actors.clear()
 
 
 def batch_key(stage: str, batch: dict) -> str:
@@ -124,8 +126,7 @@ def guarded_call(fn, batch: dict, stage: str, journal, max_crashes: int, where: 
 
     key = batch_key(stage, batch)
     try:
-        ids = [str(i) for i in batch["image_id"]] if where else []
-        state = ray.get(journal.begin.remote(key, where, ids))
+        state = ray.get(journal.begin.remote(key, where))
     except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
         return end_if_fatal(fn(batch), on_fatal)  # journal restarting: the batch runs unguarded rather than failing
     if state.get("quarantined"):
@@ -145,7 +146,7 @@ def guarded_call(fn, batch: dict, stage: str, journal, max_crashes: int, where: 
         if blamed >= max_crashes and not one["error_type"][0]:
             fail(one, 0, stage, f"the {stage} worker died {blamed} time(s) while processing this image "
                  "(native crash, out of memory or a device error); it was not retried again", WORKER_CRASHED)
-            journal.blame.remote(image_id)  # its deaths say nothing about the GPU
+            journal.blame.remote(key, image_id)  # its deaths say nothing about the GPU
         else:
             ray.get(journal.trying.remote(key, image_id))  # recorded before the attempt that may kill us
         parts.append(end_if_fatal(fn(one), on_fatal))
@@ -186,7 +187,11 @@ class Guarded:
     def _admit(self, device: str | None) -> None:
         import ray
 
-        state = ray.get(self.journal.device_state.remote(self.where))
+        try:
+            state = ray.get(self.journal.device_state.remote(self.where), timeout=60)
+        except Exception:  # noqa: BLE001 - the journal restarting: start unchecked rather than not at all
+            log.warning("the crash journal did not answer: %s starts without its device check", describe(self.where))
+            return
         if state == "suspect":
             try:
                 getattr(self.stage_cls, "check_device", check_device)(device)
@@ -194,7 +199,7 @@ class Guarded:
                 self._fault([], f"self-test: {type(err).__name__}: {err}")
                 state = "quarantined"
             else:
-                ray.get(self.journal.device_passed.remote(self.where))
+                self.journal.device_passed.remote(self.where)
         if state == "quarantined":
             raise DeviceQuarantined(f"{describe(self.where)} is quarantined for this run after repeated device "
                                     "errors; this actor stops and new ones avoid the node")
@@ -207,9 +212,14 @@ class Guarded:
         except Exception:  # noqa: BLE001 - the process ends anyway; the next attempt's begin records the death
             log.warning("could not record a device fault on %s", describe(self.where))
 
-    def __call__(self, batch: dict) -> dict:
-        return guarded_call(self.stage, batch, self.stage_name, self.journal, self.max_crashes, self.where,
-                            self._fault if self.where else None)
+    def __call__(self, batch: dict):
+        """A generator (Ray Data takes each yield as an output block): the batch in the stage's `parts` (SR: by
+        output pixels), each under the journal on its own; stages without `parts` yield it whole."""
+        parts = getattr(self.stage, "parts", None)
+        for lo, hi in parts(batch) if parts else [(0, size(batch))]:
+            one = batch if (lo, hi) == (0, size(batch)) else {k: v[lo:hi] for k, v in batch.items()}
+            yield guarded_call(self.stage, one, self.stage_name, self.journal, self.max_crashes, self.where,
+                               self._fault if self.where else None)
 
 
 def guarded(stage_cls: type, stage_name: str) -> type:

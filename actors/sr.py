@@ -37,8 +37,10 @@ class SRStage:
 
     def __init__(self, config: dict | ModelConfig, device: str | None = None, base_seed: int = 0,
                  cpu_threads: int | None = None, max_output_pixels: int | None = None, storage: dict | None = None,
-                 gpu_share: float = 1.0, fused_semantic: bool = False, time_budget_s: float | None = None):
+                 gpu_share: float = 1.0, fused_semantic: bool = False, time_budget_s: float | None = None,
+                 call_output_pixels: int | None = None):
         self.max_output_pixels = max_output_pixels
+        self.call_output_pixels = call_output_pixels  # SR outputs one call holds at most (see parts)
         self.time_budget_s = time_budget_s  # per image: past it the image gets an error row, the GPU moves on
         # Weights given as s3:// (any fsspec URI) are staged once per node before loading.
         config = staged_model(resolve(ModelConfig.model_validate(config)), storage)
@@ -49,6 +51,26 @@ class SRStage:
         self.config = config.model_copy(update={"tiling": config.tiling.model_copy(update={"max_batch": rows})})
         self.upscaler = load_upscaler(self.config, self.device)
         self.base_seed = base_seed
+
+    def parts(self, batch: dict) -> list[tuple[int, int]]:
+        """Consecutive row ranges whose outputs hold at most `call_output_pixels` pixels each (a row alone may
+        hold more): Guarded runs and hands on one range at a time, so an SR call never holds a whole batch of
+        huge outputs (8 x 256 MP would be 6 GB) and neither does a write task after it."""
+        n = size(batch)
+        if not self.call_output_pixels or not n:
+            return [(0, n)]
+        errors = batch.get("error_type")
+        out, start, held = [], 0, 0
+        for i in range(n):
+            pixels = 0
+            if not (errors is not None and errors[i]):
+                h, w = np.asarray(batch["image"][i]).shape[:2]
+                pixels = int(np.prod(self.upscaler.plan(w, h).out_size))
+            if held and held + pixels > self.call_output_pixels:
+                out.append((start, i))
+                start, held = i, 0
+            held += pixels
+        return out + [(start, n)]
 
     def _deadline(self, images: int) -> float | None:
         return time.monotonic() + self.time_budget_s * images if self.time_budget_s else None

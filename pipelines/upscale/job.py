@@ -50,6 +50,9 @@ class ResourcesConfig(BaseModel):
     read_memory_gb: float | None = Field(None, ge=0, description="host memory (GiB) reserved per read/decode task; "
                                          "default on GPU clusters: two read_batch_pixels of RGB plus fetch_threads x "
                                          "32 MiB of fetched bytes; none on CPU-only ones or for the tiny preset")
+    sr_call_pixels: int = Field(512_000_000, ge=1, description="output pixels an SR call hands on at a time: a "
+                                "batch whose outputs hold more is run and handed on in consecutive parts (a whole "
+                                "batch of 8 x 256 MP outputs would be 6 GB in the SR actor and in a write task)")
     write_memory_gb: float | None = Field(None, ge=0, description="host memory (GiB) reserved per write/encode task, "
                                           "which holds one SR batch of outputs (sr_batch x output pixels x 3 bytes, "
                                           "plus the encoded copies); default none: set it when outputs are large "

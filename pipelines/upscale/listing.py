@@ -280,10 +280,10 @@ def list_pieces(units: list[tuple], ctx: dict, uri: str, buckets: int | None,
 
     for unit in units:
         for u, k in _chunks_of_unit(unit, ctx, piece_rows):
+            if uris and len(uris) + len(u) > piece_rows:
+                store()
             uris += u
             keys += k
-            if len(uris) >= piece_rows:
-                store()
     if uris or not out:
         store()
     return out

@@ -10,6 +10,7 @@ part's rows: its memory does not grow with the number of images.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -249,6 +250,7 @@ def build_dataset(job: UpscaleJob, plan: Plan, pools: dict, journal=None, progre
     with warnings.catch_warnings():
         # Ray 2.60 has no named parameter for retry bounds; its catch-all **ray_remote_args warns (removal in 2.64).
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        warnings.filterwarnings("ignore", message="`ray_remote_args_fn` is deprecated")
         return _build_dataset(job, plan, pools, journal, progress, fence)
 
 
@@ -294,7 +296,8 @@ def _build_dataset(job: UpscaleJob, plan: Plan, pools: dict, journal=None, progr
     gpu_args = {"ray_remote_args_fn": _avoiding_quarantined(journal)} if journal is not None else {}
     sr_kwargs = {"config": model, "base_seed": job.base_seed, "cpu_threads": pools.get("cpu_threads"),
                  "max_output_pixels": job.max_output_pixels, "storage": storage,
-                 "gpu_share": pools["sr_gpus"] or 1.0, "time_budget_s": job.time_budget_s, **guard}
+                 "gpu_share": pools["sr_gpus"] or 1.0, "time_budget_s": job.time_budget_s,
+                 "call_output_pixels": r.sr_call_pixels, **guard}
     # Min..max: a fixed cluster gets min == max (every actor up front); an autoscaling one grows GPU nodes.
     sr_pool = ActorPoolStrategy(min_size=pools["sr_actors"], max_size=pools["sr_actors_max"])
     if pools["layout"] == "fused":  # one actor holds both models: its memory is both reservations
@@ -315,7 +318,8 @@ def _build_dataset(job: UpscaleJob, plan: Plan, pools: dict, journal=None, progr
                             **({"memory": sr_mem * 2**30} if sr_mem else {}), **actor_retry, **gpu_args)
     ds = ds.map_batches(io.write, fn_kwargs={"dst": job.dst, "fmt": job.format, "quality": job.quality,
                                              "storage": storage, "progress": progress, "fence": fence, **guard},
-                        batch_size=r.sr_batch, num_cpus=r.encode_cpus, compute=TaskPoolStrategy(size=writes),
+                        # One SR output block per call (at most sr_batch rows and sr_call_pixels of outputs).
+                        batch_size=None, num_cpus=r.encode_cpus, compute=TaskPoolStrategy(size=writes),
                         **({"memory": r.write_memory_gb * 2**30} if r.write_memory_gb else {}), **task_retry)
     return ds
 
@@ -346,10 +350,15 @@ def _avoiding_quarantined(journal):
     """Ray Data calls this before creating each actor: a label selector keeping it off quarantined GPUs' nodes
     (Ray places by node, not by GPU id)."""
 
+    nodes: list[str] = []
+
     def remote_args() -> dict:
         import ray
 
-        nodes = ray.get(journal.excluded_nodes.remote(), timeout=30)
+        try:  # called inside Ray Data's scheduling loop: short, and never an error (the last answer stands)
+            nodes[:] = ray.get(journal.excluded_nodes.remote(), timeout=5)
+        except Exception as err:  # noqa: BLE001
+            log.warning("ugcsr: the crash journal did not say which nodes to avoid (%r); using its last answer", err)
         return {"label_selector": {"ray.io/node-id": f"!in({','.join(nodes)})"}} if nodes else {}
 
     return remote_args
@@ -374,6 +383,7 @@ class ManifestSink:
         self.row_meta = dict(params_hash=job.params_hash(), model_id=_model_id(job), node_id=socket.gethostname())
         self.rows, self.max_age_s, self.tally = job.manifest_rows_per_file, job.manifest_max_age_s, tally
         self.pending: list[dict] = []
+        self.received = 0  # rows the write stage handed on, in all
         self.since = 0.0
         self.failures, self.error = 0, None
         self._lock, self._stop = threading.Lock(), threading.Event()
@@ -383,6 +393,7 @@ class ManifestSink:
     def add(self, table) -> None:
         """One block of the write stage's output (a pyarrow table)."""
         rows = rows_from_batch(table.to_pydict(), **self.row_meta)
+        self.received += len(rows)
         with self._lock:
             if not self.pending:
                 self.since = time.monotonic()
@@ -544,9 +555,23 @@ def _run_leased(job: UpscaleJob, lease: DstLease, *, on_plan=None, on_progress: 
                 if len(groups) > 1:
                     log.info("ugcsr: execution %d/%d: %d image(s) in %d todo shard(s)", k + 1, len(groups),
                              part.to_process, len(part.todo_uris))
-                pools = _pools_without_quarantined(job, plan, journal, autoscale) if k else plan.pools
-                _execute(build_dataset(job, part, pools, journal, counter, lease.fence),
-                         ManifestSink(job, plan.run_id, tally, lease.fence), poller, lease, watchdog)
+                while True:
+                    before = set(ray.get(journal.excluded_nodes.remote(), timeout=30))
+                    pools = _pools_without_quarantined(job, plan, journal, autoscale)
+                    sink = ManifestSink(job, plan.run_id, tally, lease.fence)
+                    watchdog.new_execution()
+                    try:
+                        _execute(build_dataset(job, part, pools, journal, counter, lease.fence), sink, poller, lease,
+                                 watchdog)
+                    except Exception:
+                        # A GPU quarantined as the pool started (a broken GPU fails the self-test or model load of
+                        # a new actor, and Ray Data fails the start): plan again without its node, start over.
+                        if sink.received or not set(ray.get(journal.excluded_nodes.remote(), timeout=30)) - before:
+                            raise
+                        log.warning("ugcsr: a GPU was quarantined as the actors started: starting this execution "
+                                    "again without its node")
+                        continue
+                    break
                 tally.executions += 1
         state = "finished"
     finally:
@@ -595,8 +620,13 @@ def _execute(ds, sink: ManifestSink, poller, lease: DstLease, watchdog: ActorWat
     lost = LeaseLost(f"DST {lease.dst}: this run lost its DST lease ({lease.uri}); it stopped writing. "
                      "Run again to resume once the other run ended")
     batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0))
+    waiting = watchdog.waiting if watchdog is not None else contextlib.nullcontext
     try:
-        for batch in batches:
+        while True:
+            with waiting():  # the watchdog may interrupt only here
+                batch = next(batches, None)
+            if batch is None:
+                break
             sink.add(batch)
             if poller:
                 poller.raise_error()

@@ -15,6 +15,7 @@ in Ray 2.60); handles come from the crash journal, where each GPU actor register
 from __future__ import annotations
 
 import _thread
+import contextlib
 import logging
 import threading
 import time
@@ -27,14 +28,38 @@ class NoGpuLeft(RuntimeError):
 
 
 class ActorWatchdog:
+    """A driver thread (see the module doc). It interrupts the driver only while the driver waits inside Ray
+    Data's iterator (`waiting`), and never once stopped, so the interrupt cannot land in a manifest write or
+    in the run's summary."""
+
     def __init__(self, journal, timeout_s: float, interval_s: float = 10.0):
         self.journal, self.timeout_s, self.interval_s = journal, timeout_s, interval_s
         self.error: NoGpuLeft | None = None
         self._seen: set[str] = set()
         self._none_alive_since: float | None = None
+        self._lock = threading.Lock()
+        self._waiting = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ugcsr-watchdog", daemon=True)
         self._thread.start()
+
+    @contextlib.contextmanager
+    def waiting(self):
+        """Around the driver's wait for the next batch: the only place it may be interrupted."""
+        with self._lock:
+            self._waiting = True
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._waiting = False
+
+    def new_execution(self) -> None:
+        """A new execution starts its own pools: the last one's actors (released, dead) no longer count."""
+        import ray
+
+        ray.get(self.journal.forget_actors.remote(), timeout=30)
+        self._none_alive_since = None
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -43,17 +68,21 @@ class ActorWatchdog:
             except Exception as err:  # noqa: BLE001 - a watch that fails once tries again; it never ends a run
                 log.debug("watchdog tick failed: %r", err)
             if self.error is not None:
-                _thread.interrupt_main()  # the driver waits inside Ray Data's iterator; _execute raises self.error
-                return
+                with self._lock:
+                    if self._waiting and not self._stop.is_set():
+                        _thread.interrupt_main()  # _execute raises self.error
+                        return
 
     def tick(self, now: float | None = None) -> None:
         import ray
         from ray.core.generated.gcs_pb2 import ActorTableData
 
         now = time.monotonic() if now is None else now
-        actors = ray.get(self.journal.gpu_actors.remote(), timeout=30)
+        actors = ray.get(self.journal.gpu_actors.remote(), timeout=5)
         alive = 0
         for aid, (handle, _) in actors.items():
+            if self._stop.is_set():
+                return
             if aid not in self._seen:  # a handle reports its state only after one call through it
                 handle.__ray_ready__.remote()
                 self._seen.add(aid)
@@ -63,7 +92,7 @@ class ActorWatchdog:
             return
         self._none_alive_since = self._none_alive_since or now
         if now - self._none_alive_since >= self.timeout_s:
-            bad = ray.get(self.journal.quarantined.remote(), timeout=30)
+            bad = ray.get(self.journal.quarantined.remote(), timeout=5)
             names = ", ".join(f"node {b['node'][:12]} GPU {b['gpu']}" for b in bad) or "none"
             self.error = NoGpuLeft(
                 f"no GPU actor has been alive for {self.timeout_s:.0f} s: {len(bad)} GPU(s) quarantined after device "
@@ -71,5 +100,6 @@ class ActorWatchdog:
                 "the manifest: fix or replace the GPUs/nodes and run again to resume")
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
+        with self._lock:  # after this, no interrupt: the thread checks under the same lock
+            self._stop.set()
+        self._thread.join(timeout=15)  # a tick's calls time out in 5 s: it ends before Ray shuts down

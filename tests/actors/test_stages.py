@@ -130,6 +130,29 @@ def test_sr_stage_refuses_outputs_over_the_pixel_limit(tiny_cache):
     assert out["error_type"][0] == "TooLarge" and "max_output_pixels" in out["error_message"][0]
 
 
+def test_an_sr_call_hands_its_outputs_on_by_pixels_not_whole_batches(tiny_cache):
+    """Issue 19: an SR call returned its whole batch (8 x 256 MP outputs: 6 GB in the actor, then in one write
+    task). Guarded(SRStage) now runs and yields consecutive parts of at most call_output_pixels of outputs."""
+    from actors.guard import guarded
+
+    tiny = get_preset("tiny")
+    stage = guarded(SRStage, "sr")(config=tiny.model_copy(update={"sampler": tiny.sampler.model_copy(
+        update={"steps": 1})}), call_output_pixels=2100)  # x4: an 8x8 input is 1,024 output pixels
+    tokens = np.zeros((256, 256), np.float16)
+    images = [np.random.default_rng(k).integers(0, 256, (8, 8, 3), dtype=np.uint8) for k in range(5)]
+    batch = {"image_id": [f"i{k}" for k in range(5)], "image": images, "tokens": [tokens] * 5, "prompt": ["p"] * 5,
+             "error_type": ["", "", "DecodeError", "", ""], "error_message": [""] * 5, "stage": ["", "", "decode", "", ""]}
+    parts = list(stage(batch))
+    assert [list(p["image_id"]) for p in parts] == [["i0", "i1", "i2"], ["i3", "i4"]], "an error row adds no pixels"
+    for part in parts:
+        done = [img for img, err in zip(part["sr_image"], part["error_type"]) if not err]
+        assert sum(img.shape[0] * img.shape[1] for img in done) <= 2100
+    assert parts[0]["error_type"][2] == "DecodeError" and parts[1]["sr_image"][1].shape == (32, 32, 3)
+    whole = list(guarded(SRStage, "sr")(config=tiny, call_output_pixels=None)(
+        {k: list(v) for k, v in batch.items()}))
+    assert len(whole) == 1 and len(whole[0]["image_id"]) == 5
+
+
 def test_sr_stage_gives_an_image_past_its_time_budget_an_error_row(tiny_cache, monkeypatch):
     """A small file can ask for hours of denoising (a huge output): past the budget the GPU moves on."""
     import time as clock
