@@ -17,6 +17,7 @@ from __future__ import annotations
 import _thread
 import contextlib
 import logging
+import signal
 import threading
 import time
 
@@ -39,15 +40,20 @@ class ActorWatchdog:
         self._none_alive_since: float | None = None
         self._lock = threading.Lock()
         self._waiting = False
+        self._logged = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ugcsr-watchdog", daemon=True)
         self._thread.start()
 
     @contextlib.contextmanager
     def waiting(self):
-        """Around the driver's wait for the next batch: the only place it may be interrupted."""
+        """Around the driver's wait for the next batch: the only place it may be interrupted. Only when that
+        is the main thread with Python's own SIGINT handler (interrupt_main runs whatever handler is set: Ray
+        Train installs one); otherwise the run ends at Ray Data's no-progress abort, and the error is logged."""
+        interruptible = (threading.current_thread() is threading.main_thread()
+                         and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
         with self._lock:
-            self._waiting = True
+            self._waiting = interruptible
         try:
             yield
         finally:
@@ -72,6 +78,9 @@ class ActorWatchdog:
                     if self._waiting and not self._stop.is_set():
                         _thread.interrupt_main()  # _execute raises self.error
                         return
+                if not self._logged:
+                    log.error("ugcsr: %s", self.error)
+                    self._logged = True
 
     def tick(self, now: float | None = None) -> None:
         import ray
