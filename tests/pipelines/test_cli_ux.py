@@ -296,13 +296,14 @@ def test_execution_images_below_one_is_a_settings_error_naming_the_file(tmp_path
 def test_the_new_scale_settings_answer_bad_values_clearly(tmp_path):
     """Issue 19's settings (manifest age, read pixel budget and memory, start timeout) through --config."""
     cfg = tmp_path / "bad.yaml"
-    cfg.write_text("manifest_max_age_s: 0\nactor_start_timeout_s: -5\n"
-                   "resources: {read_batch_pixels: 0, read_memory_gb: -1}\n")
+    cfg.write_text("manifest_max_age_s: 0\nactor_start_timeout_s: -5\nretries: {max_device_faults: 0}\n"
+                   "resources: {read_batch_pixels: 0, read_memory_gb: -1, sr_call_pixels: 0, write_memory_gb: -1}\n")
     out = invoke("upscale", ROOT / "samples", tmp_path / "o", "--config", cfg)
     assert out.exit_code == 2, out.output
     text = " ".join(out.output.split())
     for field in ("manifest_max_age_s", "actor_start_timeout_s", "resources.read_batch_pixels",
-                  "resources.read_memory_gb"):
+                  "resources.read_memory_gb", "retries.max_device_faults", "resources.sr_call_pixels",
+                  "resources.write_memory_gb"):
         assert f"{field} (in --config" in text, (field, text)
     good = tmp_path / "good.yaml"
     good.write_text("manifest_max_age_s: 30\nactor_start_timeout_s: null\nresources: {read_batch_pixels: 64000000}\n")
