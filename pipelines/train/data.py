@@ -1,11 +1,14 @@
 """The training data stage: TRAINSET's shards, the held-out split and its validation rows, the Ray Data stream.
 
-The stream is read_parquet -> CPU decode/tokenise actors (actors/train_data.py's TrainDecode)
--> shuffle (block order here, a local buffer in each worker); Ray Train splits it over the workers.
+The stream is read_parquet over the shards in stream order (`stream_order`) -> CPU decode/tokenise actors
+(actors/train_data.py's TrainDecode); Ray Train splits it over the workers, each shuffling in a local buffer.
+A resumed epoch (`rest_of_epoch`) reads on from where its checkpoint left off: the shards already trained on are
+not read again, and the rows trained on of the shard it stopped in are dropped before decoding.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from cluster.storage import StorageConfig, filesystem, is_remote
@@ -66,6 +69,39 @@ def validation_rows(job: TrainJob, held: list[str], train: list[str]) -> list[di
     return rows[: job.val_images]
 
 
+def stream_order(job: TrainJob, paths: list[str], rows: list[int]) -> tuple[list[str], list[int]]:
+    """The shards (and their row counts) in the order every epoch reads them: build order, or a permutation seeded by
+    the recipe's seed (shuffle). The same each epoch: Ray Train runs one dataset per epoch again; each worker's local
+    shuffle buffer is seeded per epoch. Shards are hash buckets (a uniform sample of the corpus each), so shard
+    order plus the local buffer mixes as well as Ray's block order did, and a resume can name what it has read."""
+    if not job.shuffle:
+        return list(paths), list(rows)
+    order = np.random.default_rng(job.recipe.seed).permutation(len(paths))
+    return [paths[i] for i in order], [rows[i] for i in order]
+
+
+def rest_of_epoch(job: TrainJob, paths: list[str], rows: list[int], exclude: list[str],
+                  done: int) -> tuple[list[str], list[str]]:
+    """(shards left, unit_ids to drop) once `done` rows of an epoch (stream order; `rows` counts each shard's rows
+    without `exclude`) were trained on: the shards before the cut are not read at all, and the first rows of the
+    shard it falls in are dropped before decoding. Exact when the stream order is (one worker, no shuffle); with
+    shuffle or several workers, a few shuffle buffers' worth of rows around the cut are seen twice or not this
+    epoch (the workers consumed roughly, not exactly, the first `done` rows)."""
+    for i, n in enumerate(rows):
+        if done < n:
+            break
+        done -= n
+    else:
+        return [], []
+    if not done:
+        return paths[i:], []
+    fs, _ = filesystem(job.trainset, job.storage)
+    with fs.open(paths[i], "rb") as f:  # one small column of one shard
+        ids = pq.read_table(f, columns=["unit_id"]).column("unit_id").to_pylist()
+    skip = set(exclude)
+    return paths[i:], [u for u in ids if u not in skip][:done]
+
+
 def drop_units(batch, ids: list[str]):
     """(map_batches, pyarrow) the rows whose unit_id is not in `ids`."""
     import pyarrow as pa
@@ -75,7 +111,8 @@ def drop_units(batch, ids: list[str]):
 
 
 def dataset(job: TrainJob, paths: list[str], tokenizer_folder: str, exclude: list[str] = ()):
-    """The training stream; rows whose unit_id is in `exclude` (held-out validation rows) never reach it."""
+    """The training stream over `paths` in their order (`stream_order`); rows whose unit_id is in `exclude`
+    (held-out validation rows, rows a resumed epoch has trained on) are dropped before decoding."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
@@ -85,8 +122,6 @@ def dataset(job: TrainJob, paths: list[str], tokenizer_folder: str, exclude: lis
     ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(["unit_id", "gt_png", "lr_png", "prompt"])
     if exclude:
         ds = ds.map_batches(drop_units, fn_kwargs={"ids": list(exclude)}, batch_format="pyarrow", batch_size=None)
-    if job.shuffle:
-        ds = ds.randomize_block_order(seed=job.recipe.seed)
     return ds.map_batches(TrainDecode, fn_constructor_kwargs={"tokenizer_folder": tokenizer_folder,
                                                              "storage": job.storage.model_dump(mode="json")},
                           batch_size=job.decode_batch, num_cpus=job.decode_cpus,

@@ -9,7 +9,7 @@ exported to RUN/export/checkpoint-<step>/{unet,controlnet} (released layout).
 
 RUN layout: train/checkpoint-<step:08d>/ (Ray Train's checkpoints), export/,
 metrics.parquet, loss.png, tensorboard/, validation/ (the held-out LR/GT inputs), train_job.json,
-mlflow_run.json (when an MLflow tracking URI is set: the MLflow run a resume continues).
+resume_plan.json (where a streaming resume reads on from, `resume`), mlflow_run.json (when an MLflow tracking URI is set: the MLflow run a resume continues).
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ from cluster import ray_runtime
 from cluster.storage import StorageConfig, filesystem, join, read_bytes, write_bytes_atomic
 from cluster.weights import check_uris
 
-from .data import arrow_filesystem, dataset, held_out, list_shards, row_counts, validation_rows
-from .job import CHECKPOINT_FILES, CHECKPOINT_PREFIX, TRAIN_WORKER_MEMORY_GB, TrainJob, checkpoint_name
+from .data import arrow_filesystem, dataset, held_out, list_shards, row_counts, stream_order, validation_rows
+from .job import TRAIN_WORKER_MEMORY_GB, TrainJob, checkpoint_name
 from .mlflow_log import local_store_path, resolve_tracking, run_params
+from .resume import RestOfEpoch, checkpoints
 from .worker import train_loop, write_metrics
 
 
@@ -99,8 +100,9 @@ def run_train(job: TrainJob, *, num_cpus: int | None = None, log=print) -> dict:
     # Validation rows taken from a training shard are kept out of training (held out by unit_id).
     exclude = [] if held else [str(r["unit_id"]) for r in val_rows]
     counts = row_counts(train_paths, job.storage, job.trainset)
-    if sum(counts) - len(exclude) < job.workers * job.recipe.batch_size:
-        raise ValueError(f"TRAINSET has {sum(counts) - len(exclude)} training rows, fewer than workers x batch size "
+    counts[-1] -= len(exclude)  # validation_rows takes them from the last training shard
+    if sum(counts) < job.workers * job.recipe.batch_size:
+        raise ValueError(f"TRAINSET has {sum(counts)} training rows, fewer than workers x batch size "
                          f"({job.workers} x {job.recipe.batch_size})")
     _warn_if_no_prompts(job, train_paths, log)
     ray_runtime.connect(job.address, num_cpus=num_cpus)
@@ -118,7 +120,7 @@ def run_train(job: TrainJob, *, num_cpus: int | None = None, log=print) -> dict:
         _write_png(join(job.run, "validation", f"{k:02d}-lr.png"), decode_image(r["lr_png"])[0], job.storage)
         _write_png(join(job.run, "validation", f"{k:02d}-gt.png"), decode_image(r["gt_png"])[0], job.storage)
 
-    done = _checkpoints(job)
+    done = checkpoints(job)
     if done and max(done) >= job.max_steps:  # nothing to train: only make sure the latest is exported
         log(f"{job.run} is already at step {max(done)} (--max-steps {job.max_steps}): exporting only")
         return _finish(job, done[max(done)], started)
@@ -130,20 +132,16 @@ def run_train(job: TrainJob, *, num_cpus: int | None = None, log=print) -> dict:
     from ray.util.queue import Queue
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = dataset(job, train_paths, join(model.source.sd_base, "tokenizer"), exclude)
+    paths, counts = stream_order(job, train_paths, counts)
+    datasets = training_datasets(job, paths, counts, join(model.source.sd_base, "tokenizer"), exclude)
     options = ray.data.ExecutionOptions(preserve_order=not job.shuffle)
-    if job.materialize:
-        # In build order when not shuffled: with two decode actors the blocks would land in whichever order they
-        # finish, and a resumed run (a new materialization) would pass over other rows than it trained on.
-        ds.context.execution_options.preserve_order = not job.shuffle  # the dataset's own copy of the context
-        ds = ds.materialize()
     if job.data_cpu_limit:
         options.resource_limits = options.resource_limits.copy(cpu=job.data_cpu_limit)
     storage_fs, storage_path = arrow_filesystem(job.run, job.storage)
     queue = Queue(actor_options={"num_cpus": 0})
     loop_config = {"job": job.model_copy(update={"model": model}).model_dump(mode="json"), "val_rows": val_rows,
-                   "train_rows": sum(counts) - len(exclude), "queue": queue,
-                   "mlflow": tracking and {**tracking, "params": run_params(job, gpus, sum(counts) - len(exclude))}}
+                   "train_rows": sum(counts), "queue": queue,
+                   "mlflow": tracking and {**tracking, "params": run_params(job, gpus, sum(counts))}}
     resources = worker_resources(job, gpus, model.name)
     trainer = TorchTrainer(
         train_loop,
@@ -154,8 +152,8 @@ def run_train(job: TrainJob, *, num_cpus: int | None = None, log=print) -> dict:
             failure_config=FailureConfig(max_failures=job.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=job.keep_checkpoints),
         ),
-        datasets={"train": ds},
-        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=options),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=list(datasets), execution_options=options),
     )
     stop = threading.Event()
     printer = threading.Thread(target=_print_progress, args=(queue, stop, log), daemon=True)
@@ -168,10 +166,22 @@ def run_train(job: TrainJob, *, num_cpus: int | None = None, log=print) -> dict:
         queue.shutdown()
     if result.error:
         raise RuntimeError(f"training failed: {result.error}") from result.error
-    done = _checkpoints(job)
+    done = checkpoints(job)
     if not done:
         raise RuntimeError(f"training produced no checkpoint under {join(job.run, job.run_name)}")
     return _finish(job, done[max(done)], started)
+
+
+def training_datasets(job: TrainJob, paths: list[str], counts: list[int], tokenizer: str, exclude: list[str]) -> dict:
+    """Ray Train's datasets: "train" (each epoch), and for a streaming run "resume" (the rest of the epoch a resume
+    lands in, read on from its checkpoint: resume.py). A materialized run decodes once and passes over instead."""
+    ds = dataset(job, paths, tokenizer, exclude)
+    if not job.materialize:
+        return {"train": ds, "resume": RestOfEpoch(job, paths, counts, tokenizer, exclude)}
+    # In build order when not shuffled: with two decode actors the blocks would land in whichever order they
+    # finish, and a resumed run (a new materialization) would pass over other rows than it trained on.
+    ds.context.execution_options.preserve_order = not job.shuffle  # the dataset's own copy of the context
+    return {"train": ds.materialize()}
 
 
 def worker_gpus(job: TrainJob, model_name: str, log=print) -> float:
@@ -219,20 +229,6 @@ def _warn_if_no_prompts(job: TrainJob, paths: list[str], log) -> None:
             "in the build-trainset job YAML captions each GT crop with RAM tags (docs/trainset.md)")
 
 
-def _checkpoints(job: TrainJob) -> dict[int, str]:
-    """{step: path} of RUN's complete checkpoints (every file of one there: an upload cut short does not count)."""
-    fs, root = filesystem(join(job.run, job.run_name), job.storage)
-    files: dict[str, set] = {}
-    for path in fs.glob(root.rstrip("/") + f"/{CHECKPOINT_PREFIX}*/*"):
-        files.setdefault(posixpath.dirname(path), set()).add(posixpath.basename(path))
-    found = {}
-    for folder, names in files.items():
-        step = posixpath.basename(folder)[len(CHECKPOINT_PREFIX):]
-        if step.isdigit() and CHECKPOINT_FILES <= names:
-            found[int(step)] = folder
-    return found
-
-
 def _finish(job: TrainJob, checkpoint: str, started: float) -> dict:
     """metrics.parquet + loss.png from the checkpoint's history, and its export (in a Ray task: loading the
     model to export it takes ~10 GB at real size, which the head node must not spend)."""
@@ -250,7 +246,7 @@ def _finish(job: TrainJob, checkpoint: str, started: float) -> dict:
 
 
 def uri_of_checkpoint(job: TrainJob, path: str) -> str:
-    """A checkpoint folder as _checkpoints lists it (a path in RUN's filesystem) as a URI any node can read."""
+    """A checkpoint folder as `checkpoints` lists it (a path in RUN's filesystem) as a URI any node can read."""
     fs, _ = filesystem(job.run, job.storage)
     return fs.unstrip_protocol(path) if "://" in job.run else path
 
@@ -292,7 +288,7 @@ def export_checkpoint(run: str, folder: str | Path, step: int, storage: StorageC
 def export_run(run: str, step: int | None, storage: StorageConfig, run_name: str = "train") -> str:
     """Export one checkpoint of RUN (the latest by default), e.g. to compare an earlier one."""
     saved = TrainJob.model_validate(json.loads(read_bytes(join(run, "train_job.json"), storage)))
-    done = _checkpoints(saved.model_copy(update={"run": run, "storage": storage, "run_name": run_name}))
+    done = checkpoints(saved.model_copy(update={"run": run, "storage": storage, "run_name": run_name}))
     if not done:
         raise FileNotFoundError(f"{join(run, run_name)} holds no checkpoint")
     step = max(done) if step is None else step

@@ -38,7 +38,7 @@ class TrainJob(BaseModel):
     memory_gb: float | None = Field(None, ge=0, description="host memory (GiB) reserved per worker; default "
                                     f"{TRAIN_WORKER_MEMORY_GB:g} on GPU clusters (docs/performance.md), none on CPU-only "
                                     "ones or for the tiny preset")
-    shuffle: bool = Field(True, description="block order + local shuffle buffer; false reproduces the authors")
+    shuffle: bool = Field(True, description="seeded shard order + local shuffle buffer; false reproduces the authors")
     shuffle_buffer: int = Field(64, ge=1, description="rows in each worker's local shuffle buffer")
     decode_actors: int = Field(2, ge=1, description="CPU actors decoding PNGs and tokenising prompts at the start; "
                                "the pool grows to 2 per training worker when Ray Data sees it starved")

@@ -23,6 +23,7 @@ from cluster.storage import StorageConfig, join, write_bytes_atomic
 
 from .job import TrainJob, checkpoint_name
 from .mlflow_log import MlflowRun
+from .resume import reads_on
 from .tensorboard import write_events
 
 METRICS_SCHEMA = pa.schema([("step", pa.int64()), ("loss", pa.float64()), ("lr", pa.float64()),
@@ -64,16 +65,17 @@ def loss_plot(rows: list[dict]) -> bytes:
     return buf.getvalue()
 
 
-def _microbatches(shard, job: TrainJob, world: int, start_epoch: int, skip: int, per_epoch: int):
-    """(epoch, index in epoch, batch) forever; the first `skip` batches of `start_epoch` are passed over (resume)."""
+def _microbatches(shard, job: TrainJob, world: int, start_epoch: int, skip: int, rest=None):
+    """(epoch, index in epoch, batch) forever. A resume mid-epoch either reads the epoch on from `rest` (the "resume"
+    shard: its rows before the checkpoint never read, resume.py) or passes over the first `skip` batches."""
     epoch = start_epoch
+    if rest is not None:
+        for i, batch in enumerate(_epoch_batches(rest, job, epoch)):
+            yield epoch, skip + i, batch
+        epoch, skip = epoch + 1, 0
     while True:
         seen = 0
-        kwargs = {}
-        if job.shuffle:
-            kwargs = dict(local_shuffle_buffer_size=job.shuffle_buffer,
-                          local_shuffle_seed=job.recipe.seed * 100_003 + epoch)
-        for i, batch in enumerate(shard.iter_torch_batches(batch_size=job.recipe.batch_size, drop_last=True, **kwargs)):
+        for i, batch in enumerate(_epoch_batches(shard, job, epoch)):
             seen += 1
             if epoch == start_epoch and i < skip:
                 continue
@@ -82,6 +84,13 @@ def _microbatches(shard, job: TrainJob, world: int, start_epoch: int, skip: int,
             raise RuntimeError(f"the training data yields no batch per worker: {world} workers x batch "
                                f"{job.recipe.batch_size} needs at least {world * job.recipe.batch_size} rows")
         epoch += 1
+
+
+def _epoch_batches(shard, job: TrainJob, epoch: int):
+    kwargs = {}
+    if job.shuffle:  # each epoch its own local shuffle
+        kwargs = dict(local_shuffle_buffer_size=job.shuffle_buffer, local_shuffle_seed=job.recipe.seed * 100_003 + epoch)
+    return shard.iter_torch_batches(batch_size=job.recipe.batch_size, drop_last=True, **kwargs)
 
 
 def _held_out_batch(parts, val_rows: list[dict]) -> dict | None:
@@ -175,7 +184,7 @@ def train_loop(config: dict) -> None:
     model = ray.train.torch.prepare_model(parts.model, parallel_strategy_kwargs={"find_unused_parameters": False})
     trainer = Trainer(parts, recipe, device, model=model)
 
-    step, epoch, samples_in_epoch, rows = 0, 0, 0, []
+    step, epoch, samples_in_epoch, rows, state = 0, 0, 0, [], None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
@@ -188,12 +197,17 @@ def train_loop(config: dict) -> None:
         return
 
     queue = config.get("queue")
-    if checkpoint is not None and rank == 0 and queue is not None:
-        queue.put_nowait(f"resumed from {checkpoint_name(step)} (epoch {epoch}, {samples_in_epoch} samples into it)")
     per_worker_rows = config["train_rows"] // world  # streaming_split(equal=True) drops the remainder
     per_epoch = per_worker_rows // recipe.batch_size
     skip = samples_in_epoch // (world * recipe.batch_size)
-    batches = _microbatches(ray.train.get_dataset_shard("train"), job, world, epoch, skip, per_epoch)
+    plan = reads_on(job, state)  # every rank decides alike: get_dataset_shard is a barrier over them
+    if checkpoint is not None and rank == 0 and queue is not None:
+        how = (f"reading it on from there ({plan['shards_left']} shard(s) left; its first {samples_in_epoch} rows are "
+               "not decoded again)" if plan else f"passing over its first {skip} batches" if skip else "at its start")
+        queue.put_nowait(f"resumed from {checkpoint_name(step)} (epoch {epoch}, {samples_in_epoch} samples into it): "
+                         + how)
+    batches = _microbatches(ray.train.get_dataset_shard("train"), job, world, epoch, skip,
+                            ray.train.get_dataset_shard("resume") if plan else None)
     samples_per_step = world * recipe.batch_size * recipe.grad_accum
     val_batch = _held_out_batch(parts, config.get("val_rows") or []) if rank == 0 else None
     val_prompts = None  # made by the tagger at the first validation

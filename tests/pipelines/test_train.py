@@ -190,6 +190,13 @@ def test_overfit_resume_export(ray_local, trainset, tiny_model, tmp_path, monkey
     mlruns = tmp_path / "mlruns"
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    # what Ray Train was given: a materialized run its decoded rows, a streaming one "train" and "resume"
+    from ray.data.dataset import MaterializedDataset
+
+    import pipelines.train.driver as driver
+
+    given, make = [], driver.training_datasets
+    monkeypatch.setattr(driver, "training_datasets", lambda *a: given.append(make(*a)) or given[-1])
     whole = run_train(train_job(trainset, tmp_path / "a", max_steps=24, mlflow_tracking_uri=str(mlruns),
                                 mlflow_experiment="overfit", **kw), log=lambda _: None)
     assert whole["step"] == 24
@@ -204,20 +211,24 @@ def test_overfit_resume_export(ray_local, trainset, tiny_model, tmp_path, monkey
     assert sorted(held) == [12, 24] and all(v > 0 for v in held.values())
     assert (tmp_path / "a" / "train" / "checkpoint-00000024" / "validation" / "00-sr.png").is_file()
 
-    # resume: 12 steps, then the same command with 24 goes on from step 12, optimizer state included
+    # resume: 12 steps, then the same command with 24 goes on from step 12, optimizer state included. The second
+    # streams (not materialized): the resumed epoch is read on from its checkpoint, its first 10 rows not decoded again
     lines = []
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{mlruns}")
     run_train(train_job(trainset, tmp_path / "b", max_steps=12, **kw), log=lines.append)
     assert any(line.startswith("MLflow run ") and "(new) in experiment 'ugcsr-train'" in line for line in lines), lines
     lines.clear()
-    again = run_train(train_job(trainset, tmp_path / "b", max_steps=24, **kw), log=lines.append)
+    again = run_train(train_job(trainset, tmp_path / "b", max_steps=24, **{**kw, "materialize": False}), log=lines.append)
     steps = [int(line.split()[1].split("/")[0]) for line in lines if line.startswith("step ")]
     assert steps[0] == 13 and steps[-1] == 24 and again["step"] == 24
-    assert any("resumed from checkpoint-00000012 (epoch 1, 10 samples into it)" in line for line in lines), lines
+    assert any(line.startswith("resumed from checkpoint-00000012 (epoch 1, 10 samples into it): reading it on from "
+                               "there (") and line.endswith("its first 10 rows are not decoded again)") for line in lines), lines
     assert any(line.startswith("MLflow run ") and "(continued)" in line for line in lines), lines
     assert any("MLflow params keep the run's first values: max_steps 12 (now 24)" in line for line in lines), lines
     assert not any("MLflow" in line and "failed" in line for line in lines), lines
     assert [r["step"] for r in metrics(tmp_path / "b")] == list(range(1, 25))
+    assert [set(d) for d in given] == [{"train"}, {"train"}, {"train", "resume"}]
+    assert all(isinstance(d["train"], MaterializedDataset) for d in given[:2])
     a = load_file(tmp_path / "a" / "train" / "checkpoint-00000024" / "trainable.safetensors")
     b = load_file(tmp_path / "b" / "train" / "checkpoint-00000024" / "trainable.safetensors")
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
@@ -348,6 +359,68 @@ def test_validation_rows_are_held_out_of_training_not_a_whole_shard(ray_local, t
         pq.read_table(shards[-1], columns=["unit_id"]).column("unit_id").to_pylist()
 
 
+def _operator_stats(summary) -> dict:
+    """Ray Data's per-operator stats of an executed dataset, its parents' (ListFiles) included."""
+    found = {op.operator_name: op for op in summary.operators_stats}
+    for parent in summary.parents:
+        found.update(_operator_stats(parent))
+    return found
+
+
+def test_a_resumed_epoch_reads_on_without_decoding_the_rows_it_trained_on(ray_local, trainset, tiny_model, tmp_path,
+                                                                          monkeypatch):
+    """Issue 20: a mid-epoch resume decoded the epoch's first part again only to pass over it. The "resume" dataset
+    Ray Train gets at each worker-group start leaves out the shards trained on and drops the first rows of the one
+    it stopped in before decoding; a worker reads on from it only when its checkpoint is the one planned from."""
+    from actors.train_data import sample_key
+    from pipelines.train.data import list_shards, row_counts, stream_order, validation_rows
+    from pipelines.train.resume import PLAN_FILE, RestOfEpoch, reads_on
+
+    import ray.data
+
+    tokenizer = str(Path(tiny_model.sd_base) / "tokenizer")
+    # in order, as a run without shuffle executes (datasets copy the context they are made in)
+    monkeypatch.setattr(ray.data.DataContext.get_current().execution_options, "preserve_order", True)
+    for shuffle in (False, True):
+        job = train_job(trainset, tmp_path / f"run-{shuffle}", shuffle=shuffle, recipe={"seed": 3})
+        shards = list_shards(job.trainset, job.storage)
+        exclude = [r["unit_id"] for r in validation_rows(job, [], shards)]
+        counts = row_counts(shards, job.storage, job.trainset)
+        counts[-1] -= len(exclude)
+        paths, rows = stream_order(job, shards, counts)
+        if shuffle:
+            assert sorted(paths) == shards and stream_order(job, shards, counts) == (paths, rows)
+        # an epoch's samples in stream order (the dataset's `key` is sample_key(unit_id))
+        keys = [sample_key(u) for p in paths for u in pq.read_table(p).column("unit_id").to_pylist()
+                if u not in exclude]
+        assert len(keys) == sum(rows) == 15
+        rest = RestOfEpoch(job, paths, rows, tokenizer, exclude)
+        rest()  # no checkpoint yet: nothing planned
+        assert json.loads((Path(job.run) / PLAN_FILE).read_text()) is None
+        # in the first shard; with shuffle, in the second (the first not read at all)
+        for done in ((rows[0] + 2,) if shuffle else (2,)):
+            state = {"step": done, "epoch": 1, "samples_in_epoch": done}
+            folder = Path(job.run) / "train" / f"checkpoint-{done:08d}"
+            folder.mkdir(parents=True)
+            for name in ("trainable.safetensors", "optimizer.pt", "rng.pt", "metrics.parquet"):
+                (folder / name).write_bytes(b"")
+            (folder / "state.json").write_text(json.dumps(state))
+            ds = rest()
+            plan = json.loads((Path(job.run) / PLAN_FILE).read_text())
+            assert plan["shards_left"] == (2 if done < rows[0] else 1), (done, plan)
+            assert plan["rows_dropped"] == (done if done < rows[0] else done - rows[0])
+            # what reaches the decode stage is the epoch's rest, exactly; the shards trained on are not even listed
+            assert [r["key"] for r in ds.take_all()] == keys[done:], (shuffle, done)
+            stats = _operator_stats(ds._get_stats_summary())
+            (decode,) = [op for name, op in stats.items() if "TrainDecode" in name]
+            assert decode.total_input_num_rows == len(keys) - done
+            assert stats["ListFiles"].output_num_rows.sum == plan["shards_left"]
+            assert reads_on(job, state) == plan
+            assert reads_on(job, {**state, "step": done - 1}) is None, "another checkpoint: pass over"
+            assert reads_on(job.model_copy(update={"materialize": True}), state) is None
+        assert not {sample_key(i) for i in exclude} & set(keys)
+
+
 def test_validation_prompts_come_from_the_tagger_on_the_lr_as_upscale_makes_them(trainset, tiny_model):
     """Issue 20: validation used the trainset's prompt (tagged on the GT); inference tags the LR image."""
     from actors.decode import decode_image
@@ -418,7 +491,8 @@ def test_worker_killed_mid_run_continues_from_last_checkpoint(ray_local, trainse
     assert len(result["pids"]) == 2, result["pids"]
     thread.join(600)
     assert not thread.is_alive() and result["step"] == 24
-    assert any(line.startswith("resumed from checkpoint-000000") for line in lines), (result["killed_after"], lines)
+    (resumed,) = [line for line in lines if line.startswith("resumed from checkpoint-000000")]
+    assert "passing over its first" in resumed, resumed  # materialized: decoded once, passed over exactly
     assert [r["step"] for r in metrics(run)] == list(range(1, 25))
     assert sorted(p.name for p in (run / "train").glob("checkpoint-*")) == [
         f"checkpoint-{s:08d}" for s in range(4, 25, 4)]
