@@ -86,7 +86,8 @@ def main() -> None:
         print(f"{way:>10}: rows decoded {decoded:4d}, rows trained {trained:4d}, wall {wall:6.2f} s "
               f"(runs: {', '.join(f'{r[1]:.2f}' for r in runs)})")
     a, b = results["pass over"], results["read on"]
-    print(f"read on / pass over: rows decoded x{b[-1][2] / a[-1][2]:.2f}, wall x{min(r[1] for r in b) / min(r[1] for r in a):.2f}")
+    wall = min(r[1] for r in b) / min(r[1] for r in a)
+    print(f"read on / pass over: rows decoded x{b[-1][2] / a[-1][2]:.2f}, wall x{wall:.2f}")
     ray.shutdown()
 
 

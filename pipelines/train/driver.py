@@ -9,7 +9,8 @@ exported to RUN/export/checkpoint-<step>/{unet,controlnet} (released layout).
 
 RUN layout: train/checkpoint-<step:08d>/ (Ray Train's checkpoints), export/,
 metrics.parquet, loss.png, tensorboard/, validation/ (the held-out LR/GT inputs), train_job.json,
-resume_plan.json (where a streaming resume reads on from, `resume`), mlflow_run.json (when an MLflow tracking URI is set: the MLflow run a resume continues).
+resume_plan.json (where a streaming resume reads on from, `resume`), mlflow_run.json (when an MLflow
+tracking URI is set: the MLflow run a resume continues).
 """
 
 from __future__ import annotations

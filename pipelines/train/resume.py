@@ -39,7 +39,7 @@ def checkpoints(job: TrainJob) -> dict[int, str]:
 
 def position(state: dict) -> dict:
     """A checkpoint's place in the data: what a plan and a worker's checkpoint must agree on."""
-    return {"step": int(state["step"]), "epoch": int(state["epoch"]), "samples_in_epoch": int(state["samples_in_epoch"])}
+    return {k: int(state[k]) for k in ("step", "epoch", "samples_in_epoch")}
 
 
 class RestOfEpoch:
@@ -70,4 +70,4 @@ def reads_on(job: TrainJob, state: dict | None) -> dict | None:
     if job.materialize or state is None or not state["samples_in_epoch"]:
         return None
     plan = json.loads(read_bytes(join(job.run, PLAN_FILE), job.storage))
-    return plan if plan and {k: plan[k] for k in ("step", "epoch", "samples_in_epoch")} == position(state) else None
+    return plan if plan and position(plan) == position(state) else None

@@ -89,7 +89,8 @@ def _microbatches(shard, job: TrainJob, world: int, start_epoch: int, skip: int,
 def _epoch_batches(shard, job: TrainJob, epoch: int):
     kwargs = {}
     if job.shuffle:  # each epoch its own local shuffle
-        kwargs = dict(local_shuffle_buffer_size=job.shuffle_buffer, local_shuffle_seed=job.recipe.seed * 100_003 + epoch)
+        kwargs = {"local_shuffle_buffer_size": job.shuffle_buffer,
+                  "local_shuffle_seed": job.recipe.seed * 100_003 + epoch}
     return shard.iter_torch_batches(batch_size=job.recipe.batch_size, drop_last=True, **kwargs)
 
 

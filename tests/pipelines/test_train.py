@@ -218,11 +218,13 @@ def test_overfit_resume_export(ray_local, trainset, tiny_model, tmp_path, monkey
     run_train(train_job(trainset, tmp_path / "b", max_steps=12, **kw), log=lines.append)
     assert any(line.startswith("MLflow run ") and "(new) in experiment 'ugcsr-train'" in line for line in lines), lines
     lines.clear()
-    again = run_train(train_job(trainset, tmp_path / "b", max_steps=24, **{**kw, "materialize": False}), log=lines.append)
+    streamed = {**kw, "materialize": False}
+    again = run_train(train_job(trainset, tmp_path / "b", max_steps=24, **streamed), log=lines.append)
     steps = [int(line.split()[1].split("/")[0]) for line in lines if line.startswith("step ")]
     assert steps[0] == 13 and steps[-1] == 24 and again["step"] == 24
     assert any(line.startswith("resumed from checkpoint-00000012 (epoch 1, 10 samples into it): reading it on from "
-                               "there (") and line.endswith("its first 10 rows are not decoded again)") for line in lines), lines
+                               "there (") and line.endswith("its first 10 rows are not decoded again)")
+               for line in lines), lines
     assert any(line.startswith("MLflow run ") and "(continued)" in line for line in lines), lines
     assert any("MLflow params keep the run's first values: max_steps 12 (now 24)" in line for line in lines), lines
     assert not any("MLflow" in line and "failed" in line for line in lines), lines
