@@ -85,8 +85,8 @@ def rest_of_epoch(job: TrainJob, paths: list[str], rows: list[int], exclude: lis
     """(shards left, unit_ids to drop) once `done` rows of an epoch (stream order; `rows` counts each shard's rows
     without `exclude`) were trained on: the shards before the cut are not read at all, and the first rows of the
     shard it falls in are dropped before decoding. Exact when the order is deterministic (one worker, no shuffle);
-    with shuffle or several workers, a few shuffle buffers' worth of rows around the cut are seen twice or not this
-    epoch (the workers consumed roughly, not exactly, the first `done` rows)."""
+    with shuffle or several workers the workers consumed roughly, not exactly, the first `done` rows (shards read at
+    once interleave), so rows of the shards being read at the checkpoint are seen twice or not this epoch."""
     for i, n in enumerate(rows):
         if done < n:
             break

@@ -6,13 +6,16 @@ worker-group start (the first, and each restart after a failure) for its "resume
 complete checkpoint in RUN, writes what it planned to RUN/resume_plan.json and returns that epoch's rest
 (data.rest_of_epoch). A worker reads on from it only when the checkpoint Ray Train handed it is the planned one
 (`reads_on`): Ray Train resumes from the last checkpoint its controller registered, which is the newest in RUN
-except when a group died between a checkpoint's upload and its registration. Otherwise, and in materialized runs
-(decoded once, so passing over costs no decoding and keeps the order exact), the worker passes over the batches.
+except when a group died between a checkpoint's upload and its registration; and only when it was saved by as many
+workers with the same batch size. Planning never fails a start (an error there would end the run): it falls back
+to no plan. Otherwise, and in materialized runs (decoded once, so passing over costs no decoding and keeps the order
+exact), the worker passes over the batches.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import posixpath
 
 from cluster.storage import filesystem, join, read_bytes, write_bytes_atomic
@@ -21,6 +24,7 @@ from .data import dataset, rest_of_epoch
 from .job import CHECKPOINT_FILES, CHECKPOINT_PREFIX, TrainJob
 
 PLAN_FILE = "resume_plan.json"
+log = logging.getLogger("ugcsr")
 
 
 def checkpoints(job: TrainJob) -> dict[int, str]:
@@ -50,24 +54,46 @@ class RestOfEpoch:
         self.tokenizer_folder, self.exclude = tokenizer_folder, list(exclude)
 
     def __call__(self):
-        done = checkpoints(self.job)
-        plan, left, skip = None, [], []
-        if done:
-            fs, _ = filesystem(self.job.run, self.job.storage)
-            state = json.loads(fs.cat_file(posixpath.join(done[max(done)], "state.json")))
-            if state["samples_in_epoch"]:
-                left, skip = rest_of_epoch(self.job, self.paths, self.rows, self.exclude, state["samples_in_epoch"])
-                if left:
-                    plan = {**position(state), "shards_left": len(left), "rows_dropped": len(skip)}
-        write_bytes_atomic(join(self.job.run, PLAN_FILE), json.dumps(plan).encode(), self.job.storage)
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False  # this process's context, as on the driver
+        uri = join(self.job.run, PLAN_FILE)
+        # No plan first: whatever fails below, no plan of an earlier start is left to match a worker's checkpoint.
+        write_bytes_atomic(uri, b"null", self.job.storage)
+        try:
+            planned = self._plan()
+            if planned:
+                plan, left, skip = planned
+                rest = dataset(self.job, left, self.tokenizer_folder, self.exclude + skip)
+                write_bytes_atomic(uri, json.dumps(plan).encode(), self.job.storage)
+                return rest
+        except Exception:  # noqa: BLE001 - raised here it would end the run (Ray Train retries no controller error)
+            log.exception("ugcsr: could not plan where the resumed epoch reads on; the workers pass over instead")
         # Without a plan no worker asks for this dataset; it is built (lazily, nothing runs) as Ray Train needs one.
-        return dataset(self.job, left or self.paths, self.tokenizer_folder, self.exclude + skip)
+        return dataset(self.job, self.paths, self.tokenizer_folder, self.exclude)
+
+    def _plan(self) -> tuple[dict, list[str], list[str]] | None:
+        """(plan, shards left, unit_ids to drop) from RUN's newest checkpoint, None when there is nothing to read on."""
+        done = checkpoints(self.job)
+        if not done:
+            return None
+        fs, _ = filesystem(self.job.run, self.job.storage)
+        state = json.loads(fs.cat_file(posixpath.join(done[max(done)], "state.json")))
+        if not state["samples_in_epoch"]:
+            return None
+        left, skip = rest_of_epoch(self.job, self.paths, self.rows, self.exclude, state["samples_in_epoch"])
+        if not left:
+            return None
+        return {**position(state), "shards_left": len(left), "rows_dropped": len(skip)}, left, skip
 
 
-def reads_on(job: TrainJob, state: dict | None) -> dict | None:
-    """The plan when this worker's checkpoint `state` is the one RestOfEpoch planned from (every rank reads the same
-    file, written before any started: they agree), else None (pass over)."""
+def reads_on(job: TrainJob, state: dict | None, world: int) -> dict | None:
+    """The plan when this worker's checkpoint `state` is the one RestOfEpoch planned from and was saved by as many
+    workers with the same batch (so the epoch's rest is whole batches from where it stopped), else None: pass over.
+    Every rank reads the same file, written before any started: they agree."""
     if job.materialize or state is None or not state["samples_in_epoch"]:
+        return None
+    if (state.get("world_size"), state.get("batch_size")) != (world, job.recipe.batch_size):
         return None
     plan = json.loads(read_bytes(join(job.run, PLAN_FILE), job.storage))
     return plan if plan and position(plan) == position(state) else None

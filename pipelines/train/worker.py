@@ -201,7 +201,7 @@ def train_loop(config: dict) -> None:
     per_worker_rows = config["train_rows"] // world  # streaming_split(equal=True) drops the remainder
     per_epoch = per_worker_rows // recipe.batch_size
     skip = samples_in_epoch // (world * recipe.batch_size)
-    plan = reads_on(job, state)  # every rank decides alike: get_dataset_shard is a barrier over them
+    plan = reads_on(job, state, world)  # every rank decides alike: get_dataset_shard is a barrier over them
     if checkpoint is not None and rank == 0 and queue is not None:
         how = (f"reading it on from there ({plan['shards_left']} shard(s) left; its first {samples_in_epoch} rows are "
                "not decoded again)" if plan else f"passing over its first {skip} batches" if skip else "at its start")

@@ -401,7 +401,7 @@ def test_a_resumed_epoch_reads_on_without_decoding_the_rows_it_trained_on(ray_lo
         assert json.loads((Path(job.run) / PLAN_FILE).read_text()) is None
         # in the first shard; with shuffle, in the second (the first not read at all)
         for done in ((rows[0] + 2,) if shuffle else (2,)):
-            state = {"step": done, "epoch": 1, "samples_in_epoch": done}
+            state = {"step": done, "epoch": 1, "samples_in_epoch": done, "world_size": 1, "batch_size": 1}
             folder = Path(job.run) / "train" / f"checkpoint-{done:08d}"
             folder.mkdir(parents=True)
             for name in ("trainable.safetensors", "optimizer.pt", "rng.pt", "metrics.parquet"):
@@ -417,10 +417,20 @@ def test_a_resumed_epoch_reads_on_without_decoding_the_rows_it_trained_on(ray_lo
             (decode,) = [op for name, op in stats.items() if "TrainDecode" in name]
             assert decode.total_input_num_rows == len(keys) - done
             assert stats["ListFiles"].output_num_rows.sum == plan["shards_left"]
-            assert reads_on(job, state) == plan
-            assert reads_on(job, {**state, "step": done - 1}) is None, "another checkpoint: pass over"
-            assert reads_on(job.model_copy(update={"materialize": True}), state) is None
+            assert reads_on(job, state, 1) == plan
+            assert reads_on(job, {**state, "step": done - 1}, 1) is None, "another checkpoint: pass over"
+            assert reads_on(job.model_copy(update={"materialize": True}), state, 1) is None
+            # saved by another number of workers or batch size: its rest is not whole batches from there
+            assert reads_on(job, state, 2) is None and reads_on(job, {**state, "batch_size": 2}, 1) is None
         assert not {sample_key(i) for i in exclude} & set(keys)
+    # a newest checkpoint whose state.json was cut short (a group died copying it to a local RUN): planning must not
+    # fail the worker-group start (Ray Train would end the run), the workers pass over instead
+    folder = Path(job.run) / "train" / "checkpoint-00000099"
+    folder.mkdir()
+    for name in ("trainable.safetensors", "optimizer.pt", "rng.pt", "metrics.parquet"):
+        (folder / name).write_bytes(b"")
+    (folder / "state.json").write_text('{"step": 99, "epo')
+    assert rest() is not None and json.loads((Path(job.run) / PLAN_FILE).read_text()) is None
 
 
 def test_validation_prompts_come_from_the_tagger_on_the_lr_as_upscale_makes_them(trainset, tiny_model):
